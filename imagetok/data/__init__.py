@@ -1,0 +1,1 @@
+"""Datasets and datamodules; images leave here as float [-1, 1]."""

@@ -1,0 +1,1 @@
+"""Metrics: PSNR, codebook statistics (FID, SSIM, LPIPS come with the evaluation issue)."""

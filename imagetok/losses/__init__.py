@@ -1,0 +1,1 @@
+"""Training losses: reconstruction, perceptual, adversarial."""

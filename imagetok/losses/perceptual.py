@@ -1,0 +1,84 @@
+"""LPIPS perceptual distance (Zhang et al. 2018, https://arxiv.org/abs/1801.03924) through the ``lpips``
+package, with the VGG16 backbone weights resolved from a local file or torch's hub cache.
+
+``lpips`` ships its calibrated linear layers but downloads the ImageNet VGG16 backbone on first use;
+offline, that download fails deep inside torchvision. We build the network with a random backbone and
+load the backbone ourselves, so a missing file is one clear line that says where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imagetok.errors import MissingWeightsError
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips uses
+# torchvision `features` index ranges that lpips groups into slice1..slice5
+_VGG_SLICES = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
+
+
+def hub_cache_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def load_vgg16_state_dict(weights_path: str | None = None, allow_download: bool = True) -> dict[str, torch.Tensor]:
+    """torchvision VGG16 state dict from ``weights_path``, else the hub cache, else a download
+    (skipped when ``IMAGETOK_OFFLINE=1``).
+    Raises :class:`MissingWeightsError` (one line: which file, where to put it) when none works."""
+    path = Path(weights_path).expanduser() if weights_path else hub_cache_path()
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    hint = (f"LPIPS needs the VGG16 ImageNet weights '{VGG16_FILE}': not found at {path}. Download it on a "
+            f"machine with network (torchvision VGG16_Weights.IMAGENET1K_V1), then put it at {hub_cache_path()} "
+            "or set loss.perceptual_weights_path=<file>.")
+    if weights_path or not allow_download or os.environ.get("IMAGETOK_OFFLINE") == "1":
+        raise MissingWeightsError(hint)
+    try:
+        from torchvision.models import VGG16_Weights
+
+        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as err:  # offline: URLError / OSError from the download
+        raise MissingWeightsError(f"{hint} (download failed: {type(err).__name__})") from None
+
+
+def _lpips_vgg(random_backbone: bool) -> nn.Module:
+    import lpips
+
+    with warnings.catch_warnings():  # torchvision's deprecated `pretrained=` argument inside lpips
+        warnings.simplefilter("ignore")
+        return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG distance; inputs ``[B, 3, H, W]`` in [-1, 1]; returns the batch mean (scalar).
+
+    Frozen (``requires_grad=False``, always eval mode): it never enters an optimizer or DDP's graph.
+
+    Args:
+        weights_path: local torchvision VGG16 file; None looks in torch's hub cache, then downloads.
+        random_backbone: skip the backbone weights (tests only: the distance is then not LPIPS).
+    """
+
+    def __init__(self, weights_path: str | None = None, random_backbone: bool = False, allow_download: bool = True) -> None:
+        super().__init__()
+        self.net = _lpips_vgg(random_backbone)
+        if not random_backbone:
+            vgg = load_vgg16_state_dict(weights_path, allow_download)
+            mapped = {f"slice{s}.{i}.{p}": vgg[f"features.{i}.{p}"]
+                      for s, idx in _VGG_SLICES.items() for i in idx for p in ("weight", "bias")
+                      if f"features.{i}.{p}" in vgg}
+            self.net.net.load_state_dict(mapped, strict=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)  # dropout in the linear heads must stay off
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.net(x.float(), y.float()).mean()

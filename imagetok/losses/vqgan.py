@@ -1,0 +1,111 @@
+"""The VQGAN objective: reconstruction + perceptual + adaptive-weighted adversarial + quantizer loss,
+and the discriminator's loss on (real, reconstruction.detach())."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagetok.errors import MissingWeightsError, check
+from imagetok.losses.discriminator import discriminator_loss, generator_adversarial_loss
+from imagetok.losses.perceptual import LPIPS
+from imagetok.quantizers.base import QuantizerOutput
+
+log = logging.getLogger(__name__)
+
+
+class VQGANLoss(nn.Module):
+    """Generator and discriminator losses of VQGAN training.
+
+    Args:
+        discriminator: module mapping images ``[B, 3, H, W]`` in [-1, 1] to logits.
+        reconstruction: ``"l1"`` or ``"l2"`` pixel loss.
+        perceptual_weight: LPIPS weight; ``None`` (auto) uses 1.0 when the VGG weights can be found and
+            otherwise trains without the term, saying so in one line. An explicit value > 0 requires them.
+        perceptual_weights_path: local torchvision VGG16 file for LPIPS.
+        perceptual_random_backbone: random LPIPS backbone (tests only).
+        gan_loss: ``"hinge"`` or ``"non_saturating"``.
+        disc_weight: weight of the adversarial term.
+        adaptive_disc_weight: scale it by ||grad nll|| / ||grad adv|| at the decoder's last layer (VQGAN).
+        disc_start: generator step from which the discriminator is trained and used.
+        quantizer_weight: weight of ``QuantizerOutput.loss``.
+    """
+
+    def __init__(self, *, discriminator: nn.Module, reconstruction: Literal["l1", "l2"] = "l1",
+                 reconstruction_weight: float = 1.0, perceptual_weight: float | None = None,
+                 perceptual_weights_path: str | None = None, perceptual_random_backbone: bool = False,
+                 gan_loss: Literal["hinge", "non_saturating"] = "hinge", disc_weight: float = 0.5,
+                 adaptive_disc_weight: bool = True, disc_start: int = 0, quantizer_weight: float = 1.0) -> None:
+        super().__init__()
+        check(reconstruction in ("l1", "l2"), "reconstruction", reconstruction, "'l1' or 'l2'")
+        check(gan_loss in ("hinge", "non_saturating"), "gan_loss", gan_loss, "'hinge' or 'non_saturating'")
+        check(perceptual_weight is None or perceptual_weight >= 0, "perceptual_weight", perceptual_weight,
+              "null (auto) or a float >= 0")
+        check(isinstance(disc_start, int) and disc_start >= 0, "disc_start", disc_start, "an integer >= 0 (generator steps)")
+        check(disc_weight >= 0, "disc_weight", disc_weight, "a float >= 0")
+        self.discriminator = discriminator
+        self.reconstruction, self.reconstruction_weight = reconstruction, reconstruction_weight
+        self.gan_loss, self.disc_weight, self.adaptive_disc_weight = gan_loss, disc_weight, adaptive_disc_weight
+        self.disc_start, self.quantizer_weight = disc_start, quantizer_weight
+        self.perceptual_weight, perceptual = self._build_perceptual(
+            perceptual_weight, perceptual_weights_path, perceptual_random_backbone)
+        # Kept outside the module tree: frozen, so it stays out of checkpoints, EMA and DDP.
+        self._perceptual = [perceptual] if perceptual is not None else []
+
+    @staticmethod
+    def _build_perceptual(weight: float | None, path: str | None, random_backbone: bool) -> tuple[float, LPIPS | None]:
+        if weight == 0:
+            return 0.0, None
+        try:
+            return (1.0 if weight is None else weight), LPIPS(path, random_backbone)
+        except MissingWeightsError as err:
+            if weight is not None:  # the recipe asked for it explicitly: stop before training
+                raise
+            log.warning("Training without the perceptual (LPIPS) term: %s", err)
+            return 0.0, None
+
+    def discriminator_active(self, step: int) -> bool:
+        return self.disc_weight > 0 and step >= self.disc_start
+
+    def _pixel_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(recon, images) if self.reconstruction == "l1" else F.mse_loss(recon, images)
+
+    def _adaptive_weight(self, nll: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
+        adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0].float()
+        return (nll_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, quant: QuantizerOutput, step: int,
+                       last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total generator loss (scalar) and its detached terms. ``images``/``recon`` ``[B, 3, H, W]``
+        in [-1, 1]; ``last_layer`` is needed for the adaptive adversarial weight."""
+        pixel = self._pixel_loss(images, recon.float())
+        nll = self.reconstruction_weight * pixel
+        logs = {"pixel": pixel.detach()}
+        if self._perceptual:
+            perceptual = self._perceptual[0].to(images.device)(images, recon)
+            nll = nll + self.perceptual_weight * perceptual
+            logs["perceptual"] = perceptual.detach()
+        total = nll + self.quantizer_weight * quant.loss
+        logs["quantizer"] = quant.loss.detach()
+        if self.discriminator_active(step):
+            adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(recon).float())
+            weight = torch.tensor(1.0, device=images.device)
+            if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled():
+                weight = self._adaptive_weight(nll, adversarial, last_layer)
+            total = total + self.disc_weight * weight * adversarial
+            logs.update(adversarial=adversarial.detach(), adaptive_weight=weight)
+        logs["total"] = total.detach()
+        return total, logs
+
+    def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Discriminator loss on real ``images`` and detached ``recon``, both ``[B, 3, H, W]`` in [-1, 1]."""
+        logits_real = self.discriminator(images.detach()).float()
+        logits_fake = self.discriminator(recon.detach()).float()
+        loss = discriminator_loss(self.gan_loss, logits_real, logits_fake)
+        return loss, {"disc": loss.detach(), "logits_real": logits_real.mean().detach(),
+                      "logits_fake": logits_fake.mean().detach()}

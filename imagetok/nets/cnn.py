@@ -1,0 +1,105 @@
+"""VQGAN-family convolutional encoder and decoder (Esser et al. 2021, https://arxiv.org/abs/2012.09841).
+
+The downsampling factor is ``2 ** (len(ch_mult) - 1)``. LlamaGen's VQ-16 and taming's f16 VQGAN are
+both members: ``ch=128, ch_mult=[1,1,2,2,4], num_res_blocks=2, attn_resolutions=[16], z_channels=256``
+at 256x256 (see ``configs/experiment/``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagetok.errors import check
+from imagetok.nets.blocks import Level, MidBlock, group_norm
+
+
+def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int, dropout: float) -> None:
+    check(isinstance(ch, int) and ch >= 1, "ch", ch, "a positive integer")
+    check(len(ch_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in ch_mult), "ch_mult", list(ch_mult),
+          "a non-empty list of positive integers, e.g. [1, 2, 2, 4]")
+    check(isinstance(num_res_blocks, int) and num_res_blocks >= 1, "num_res_blocks", num_res_blocks, "an integer >= 1")
+    factor = 2 ** (len(ch_mult) - 1)
+    check(isinstance(resolution, int) and resolution >= factor and resolution % factor == 0, "resolution", resolution,
+          f"a multiple of the downsampling factor {factor} (= 2**(len(ch_mult)-1))")
+    check(0.0 <= dropout < 1.0, "dropout", dropout, "a float in [0, 1)")
+
+
+class Encoder(nn.Module):
+    """Images ``[B, in_channels, H, W]`` in [-1, 1] -> latents ``[B, z_channels, H/f, W/f]``.
+
+    Args:
+        ch: base width; level ``i`` has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multipliers, one per resolution level; ``f = 2**(len(ch_mult)-1)``.
+        num_res_blocks: residual blocks per level.
+        attn_resolutions: feature-map sizes (relative to ``resolution``) whose blocks get attention.
+        z_channels: output channels.
+        resolution: training image size, used only to place attention.
+        mid_attention: attention between the two middle residual blocks.
+    """
+
+    def __init__(self, *, in_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), z_channels: int = 256,
+                 dropout: float = 0.0, resolution: int = 256, mid_attention: bool = True) -> None:
+        super().__init__()
+        _check_common(ch, ch_mult, num_res_blocks, resolution, dropout)
+        self.in_channels, self.z_channels = in_channels, z_channels
+        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        widths = [ch * m for m in (1, *ch_mult)]
+        levels, res = [], resolution
+        for i in range(len(ch_mult)):
+            last = i == len(ch_mult) - 1
+            levels.append(Level(widths[i], widths[i + 1], num_res_blocks, res in attn_resolutions, dropout,
+                                None if last else "down"))
+            res = res if last else res // 2
+        self.down = nn.ModuleList(levels)
+        self.mid = MidBlock(widths[-1], mid_attention, dropout)
+        self.norm_out = group_norm(widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latents ``[B, z_channels, h, w]`` -> images ``[B, out_channels, h*f, w*f]``, unbounded (trained
+    toward [-1, 1]). Mirrors :class:`Encoder`, with ``num_res_blocks + 1`` blocks per level."""
+
+    def __init__(self, *, out_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), z_channels: int = 256,
+                 dropout: float = 0.0, resolution: int = 256, mid_attention: bool = True) -> None:
+        super().__init__()
+        _check_common(ch, ch_mult, num_res_blocks, resolution, dropout)
+        self.out_channels, self.z_channels = out_channels, z_channels
+        widths = [ch * m for m in ch_mult]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], mid_attention, dropout)
+        levels, in_ch = [], widths[-1]
+        for i in reversed(range(len(ch_mult))):  # lowest resolution first
+            levels.append(Level(in_ch, widths[i], num_res_blocks + 1, res in attn_resolutions, dropout,
+                                "up" if i > 0 else None))
+            in_ch, res = widths[i], res * 2
+        # stored highest-resolution first, as in VQGAN checkpoints (up[0] is the full-size level)
+        self.up = nn.ModuleList(reversed(levels))
+        self.norm_out = group_norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the output conv: the adaptive GAN weight compares gradient norms here."""
+        return self.conv_out.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

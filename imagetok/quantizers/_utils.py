@@ -1,0 +1,107 @@
+"""Helpers shared by quantizer families: layout changes, float32 math, chunked nearest-code search,
+k-means and codebook statistics."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from einops import rearrange
+
+
+def to_tokens(z: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Flatten latents to ``[T, C]`` tokens and return a function restoring ``[T, C']`` to the
+    input layout. 4D+ inputs are ``[B, C, *spatial]``; 3D inputs are ``[B, N, C]`` sequences."""
+    if z.ndim == 3:  # [B, N, C]: already channels last
+        b, n, _ = z.shape
+        return z.reshape(b * n, -1), lambda t: t.reshape(b, n, -1)
+    spatial = z.shape[2:]
+    tokens = rearrange(z, "b c ... -> b ... c").reshape(-1, z.shape[1])  # [B, C, *S] -> [B*prod(S), C]
+    b = z.shape[0]
+
+    def restore(t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t.reshape(b, *spatial, -1), "b ... c -> b c ...")
+
+    return tokens, restore
+
+
+def index_shape(z: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the index grid for latents ``z``: ``(B, *spatial)`` or ``(B, N)``."""
+    return tuple(z.shape[:2]) if z.ndim == 3 else (z.shape[0], *z.shape[2:])
+
+
+@contextlib.contextmanager
+def float32_math(device: torch.device) -> Iterator[None]:
+    """Disable autocast so distances, rounding and indices are computed in float32; under
+    ``bf16-mixed`` a bf16 distance would flip near-ties and change the chosen codes."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def nearest_code(
+    tokens: torch.Tensor, codebook: torch.Tensor, max_elements: int = 2**24, cosine: bool = False
+) -> torch.Tensor:
+    """Index of the nearest code for each token.
+
+    tokens ``[T, D]``, codebook ``[K, D]`` (float32) -> LongTensor ``[T]``. The ``T x K`` distance
+    matrix is built ``chunk`` rows at a time so that at most ``max_elements`` distances exist at once:
+    memory stays bounded for codebooks of 2^16 codes and more. With ``cosine`` both sides must already
+    be l2-normalised and the largest dot product wins.
+    """
+    chunk = max(1, max_elements // max(1, codebook.shape[0]))
+    code_sq = None if cosine else codebook.pow(2).sum(1)  # [K]
+    out = torch.empty(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    for start in range(0, tokens.shape[0], chunk):
+        t = tokens[start : start + chunk]
+        dots = t @ codebook.t()  # [chunk, K]
+        if cosine:
+            out[start : start + chunk] = dots.argmax(1)
+        else:
+            # ||t||^2 is constant per row, so it does not change the argmin
+            out[start : start + chunk] = (code_sq - 2 * dots).argmin(1)
+    return out
+
+
+def kmeans(samples: torch.Tensor, num_clusters: int, iters: int, cosine: bool = False,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on ``samples`` ``[T, D]`` (float32). Returns centroids ``[K, D]`` and the
+    cluster sizes ``[K]`` of the last assignment. Centroids start from random samples (drawn with
+    replacement when there are fewer samples than clusters); an empty cluster keeps its centroid."""
+    t = samples.shape[0]
+    pick = (torch.randperm(t, generator=generator, device="cpu")[:num_clusters] if t >= num_clusters
+            else torch.randint(0, t, (num_clusters,), generator=generator, device="cpu"))
+    centroids = samples[pick.to(samples.device)].clone()
+    counts = torch.zeros(num_clusters, device=samples.device)
+    for _ in range(max(1, iters)):
+        assign = nearest_code(samples, centroids, cosine=cosine)
+        counts = torch.bincount(assign, minlength=num_clusters).to(samples.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, samples)
+        filled = counts > 0
+        new = sums[filled] / counts[filled, None]
+        centroids[filled] = torch.nn.functional.normalize(new, dim=-1) if cosine else new
+    return centroids, counts
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution given by ``counts`` ``[K]``; K when uniform, 1 when collapsed."""
+    probs = counts.float() / counts.sum().clamp_min(1)
+    return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` in place over all ranks (no-op without an initialised process group): the one
+    place where per-rank codebook statistics become global ones."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank 0's copy, so randomised decisions (k-means seeds,
+    which samples revive dead codes) are identical on every rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast(tensor, src=0)
+    return tensor

@@ -1,0 +1,52 @@
+"""The one protocol every quantizer family implements.
+
+``forward(z)`` takes latents ``[B, C, *spatial]`` (channels first, as conv nets produce them) or
+``[B, N, C]`` (a 1D token sequence, channels last) and returns a :class:`QuantizerOutput`.
+``indices_to_latents(indices)`` is the exact inverse of the lookup, and ``codebook_sizes`` gives one
+vocabulary size per sub-token, so downstream code never needs to know the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns.
+
+    z_q:     quantized latents, same shape and layout as the input ``z``; gradients reach ``z``
+             through the straight-through estimator.
+    indices: LongTensor ``[B, *spatial, K]`` (or ``[B, N, K]``): K sub-tokens per position.
+    loss:    scalar, every auxiliary loss of the quantizer, already weighted.
+    metrics: detached scalars for logging (usage, perplexity, commitment, ...).
+    """
+
+    z_q: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Quantizer(nn.Module, ABC):
+    """Base class: subclasses set ``self.dim`` (channels of the latents they take)."""
+
+    dim: int
+
+    @property
+    @abstractmethod
+    def codebook_sizes(self) -> list[int]:
+        """One vocabulary size per sub-token (length K)."""
+
+    @abstractmethod
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize ``z`` ``[B, C, *spatial]`` or ``[B, N, C]`` (float, any range)."""
+
+    @abstractmethod
+    def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Map ``indices`` ``[B, *spatial, K]`` back to latents ``[B, C, *spatial]``
+        (or ``[B, N, C]`` when ``channels_last``), equal to ``z_q`` of the forward pass in eval mode."""

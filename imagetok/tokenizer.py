@@ -1,0 +1,103 @@
+"""The ``Tokenizer``: encoder -> quantizer -> decoder, the object users train, save and load.
+
+Images inside the model are float tensors in [-1, 1] with shape ``[B, 3, H, W]``; conversion from
+uint8 / [0, 1] happens at the data edge (``imagetok.data``) and back with :meth:`Tokenizer.to_uint8`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from imagetok.quantizers.base import Quantizer, QuantizerOutput
+from imagetok.utils.build import build
+
+
+class Tokenizer(nn.Module):
+    """Discrete image tokenizer.
+
+    ``quant_conv`` (1x1) maps the encoder's ``z_channels`` to the quantizer's ``dim`` and
+    ``post_quant_conv`` maps back to the decoder's ``z_channels``, as in VQGAN.
+
+    Args:
+        encoder: module with ``z_channels``; ``[B, 3, H, W] -> [B, z_channels, h, w]``.
+        quantizer: a :class:`Quantizer` with ``dim``.
+        decoder: module with ``z_channels``; ``[B, z_channels, h, w] -> [B, 3, H, W]``.
+        config: the JSON-able ``{"encoder": {...}, "quantizer": {...}, "decoder": {...}}`` this
+            tokenizer was built from (``_target_`` dicts); kept so it can be saved and rebuilt.
+    """
+
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module,
+                 config: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
+        self.post_quant_conv = nn.Conv2d(quantizer.dim, decoder.z_channels, 1)
+        self.config = copy.deepcopy(dict(config)) if config is not None else None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Tokenizer":
+        """Build from ``{"encoder": ..., "quantizer": ..., "decoder": ...}`` ``_target_`` dicts; only
+        classes inside ``imagetok`` are built, and a bad value raises ``ConfigValueError`` naming its key."""
+        parts = {name: build(config[name], name) for name in ("encoder", "quantizer", "decoder")}
+        return cls(**parts, config=config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, weights: Literal["ema", "raw"] = "ema") -> "Tokenizer":
+        """Load a tokenizer from a Lightning training checkpoint (``weights_only`` unpickling), with
+        the EMA weights by default; returned in eval mode."""
+        from imagetok.export.checkpoint import load_tokenizer_from_checkpoint
+
+        return load_tokenizer_from_checkpoint(path, weights)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """Vocabulary size of each of the K sub-tokens per position."""
+        return self.quantizer.codebook_sizes
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.encoder.downsample_factor
+
+    def token_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """``(h, w, K)``: the index grid that :meth:`encode` returns for one image of this size."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        f = self.downsample_factor
+        return height // f, width // f, len(self.codebook_sizes)
+
+    def quantize(self, images: torch.Tensor) -> QuantizerOutput:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> quantizer output on the latent grid."""
+        return self.quantizer(self.quant_conv(self.encoder(images)))
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """Quantized latents ``[B, dim, h, w]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> (reconstruction ``[B, 3, H, W]``, QuantizerOutput)."""
+        out = self.quantize(images)
+        return self.decode_latents(out.z_q), out
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> LongTensor indices ``[B, h, w, K]``."""
+        return self.quantize(images).indices
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``[B, h, w, K]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
+        return self.decode_latents(self.quantizer.indices_to_latents(indices))
+
+    def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``[B, h, w, K]`` -> quantized latents ``[B, dim, h, w]``."""
+        return self.quantizer.indices_to_latents(indices)
+
+    @staticmethod
+    def to_uint8(images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (clamped) -> uint8 ``[0, 255]`` rounded to nearest, as a saved PNG holds them."""
+        return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

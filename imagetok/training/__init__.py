@@ -1,0 +1,1 @@
+"""Lightning training: module, EMA, callbacks, run.train."""

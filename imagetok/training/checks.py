@@ -1,0 +1,49 @@
+"""Checks that need more than one config key, run before anything is built; each failure names the
+key and the values it would accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from imagetok.errors import ConfigValueError, check
+
+SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    ch_mult = list(cfg.encoder.get("ch_mult", [1]))
+    factor = 2 ** (len(ch_mult) - 1)
+    size = cfg.data.image_size
+    check(isinstance(size, int) and size > 0 and size % factor == 0, "data.image_size", size,
+          f"a multiple of the encoder's downsampling factor {factor} (2**(len(encoder.ch_mult)-1) "
+          f"with encoder.ch_mult={ch_mult}), e.g. {max(factor, (size // factor) * factor) if isinstance(size, int) else factor}")
+    max_steps = cfg.trainer.get("max_steps", -1)
+    check(isinstance(max_steps, int) and max_steps >= 1, "trainer.max_steps", max_steps, "an integer >= 1")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    check(precision in SUPPORTED_PRECISIONS, "trainer.precision", precision,
+          f"one of {SUPPORTED_PRECISIONS} (fp16 GAN training is unstable; use bf16-mixed on GPUs)")
+    o = cfg.optim
+    check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
+    check(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "'cosine' or 'constant'")
+    check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a float in [0, 1]")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two floats in [0, 1)")
+    check(0 <= cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a float in [0, 1) (0 disables the EMA)")
+
+
+def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str | None:
+    """``null`` -> None; ``last`` -> this run's ``last.ckpt``, else the newest one under ``search_root``
+    (None if there is none: a fresh start); a path -> that file, which must exist."""
+    if resume in (None, "", "null"):
+        return None
+    if resume == "last":
+        own = run_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own)
+        found = sorted(search_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if search_root.is_dir() else []
+        return str(found[-1]) if found else None
+    if not Path(resume).is_file():
+        raise ConfigValueError("resume", resume, "null, 'last', or the path of an existing .ckpt file")
+    return str(resume)

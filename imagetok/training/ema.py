@@ -1,0 +1,42 @@
+"""Exponential moving average of a model's weights, used for validation and export.
+
+Kept to the tokenizer alone (not the discriminator or frozen networks), as Lightning's
+``EMAWeightAveraging`` would average the whole LightningModule.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``module`` holds the averaged copy. Parameters follow ``p_ema <- d * p_ema + (1 - d) * p`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early averages are not dominated by
+    the random initialisation; buffers (codebook statistics) are copied as they are."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+
+    def train(self, mode: bool = True) -> "EMA":
+        super().train(mode)
+        self.module.eval()  # the average is only ever evaluated
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        n = int(self.num_updates)
+        decay = min(self.decay, (1 + n) / (10 + n))
+        ema_params = list(self.module.parameters())
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)

@@ -1,0 +1,122 @@
+"""LightningModule that trains a :class:`Tokenizer` against a discriminator with manual optimisation.
+
+One batch = one generator step (then one discriminator step once it has started). ``global_step``
+counts generator steps only: the discriminator is stepped through the strategy directly, which keeps
+precision plugins working but does not advance Lightning's step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from imagetok.evaluation.codebook import CodebookUsage
+from imagetok.losses.vqgan import VQGANLoss
+from imagetok.tokenizer import Tokenizer
+from imagetok.training.ema import EMA
+from imagetok.training.schedule import lr_lambda
+
+
+class TokenizerTrainingModule(L.LightningModule):
+    """Args:
+        tokenizer_config: JSON-able ``{"encoder", "quantizer", "decoder"}`` ``_target_`` dicts.
+        loss: the generator/discriminator objective (owns the discriminator).
+        optim: ``lr, betas, weight_decay, disc_lr, warmup_steps, schedule, min_lr_ratio, grad_clip``.
+        total_steps: generator steps of the run (end of the cosine schedule).
+        ema_decay: decay of the weight EMA used for validation and export; 0 disables it.
+        run_config: the resolved run config (primitives only), stored in checkpoints.
+    """
+
+    def __init__(self, tokenizer_config: dict[str, Any], loss: VQGANLoss, optim: dict[str, Any],
+                 total_steps: int, ema_decay: float = 0.999, run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        # Primitives only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"tokenizer_config": tokenizer_config, "config": run_config or {}}, logger=False)
+        self.tokenizer = Tokenizer.from_config(tokenizer_config)
+        self.ema = EMA(self.tokenizer, ema_decay) if ema_decay > 0 else None
+        self.loss = loss
+        self.optim, self.total_steps = dict(optim), total_steps
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+        self.val_usage = CodebookUsage(self.tokenizer.codebook_sizes)
+        self.last_val_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for the image callback
+
+    @property
+    def eval_tokenizer(self) -> Tokenizer:
+        """The weights used for validation and export: the EMA copy when there is one."""
+        return self.ema.module if self.ema is not None else self.tokenizer
+
+    def configure_optimizers(self):
+        o = self.optim
+        betas = tuple(o["betas"])
+        opt_g = torch.optim.AdamW([p for p in self.tokenizer.parameters() if p.requires_grad], lr=o["lr"],
+                                  betas=betas, weight_decay=o["weight_decay"])
+        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=o.get("disc_lr") or o["lr"],
+                                  betas=betas, weight_decay=o["weight_decay"])
+        factor = lr_lambda(o["schedule"], o["warmup_steps"], self.total_steps, o["min_lr_ratio"])
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (opt_g, opt_d)]
+        return [opt_g, opt_d], scheds
+
+    def _step(self, optimizer, loss: torch.Tensor, count_as_step: bool) -> None:
+        with self.toggled_optimizer(optimizer):  # the other network's parameters get no gradient
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.optim.get("grad_clip"):
+                self.clip_gradients(optimizer, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
+            if count_as_step:
+                optimizer.step()
+            else:
+                self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+
+    @staticmethod
+    def _raise_if_not_finite(logs: dict[str, torch.Tensor], step: int) -> None:
+        bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
+        if bad:
+            raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}; "
+                                     "the last saved checkpoint is untouched")
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        images = batch  # [B, 3, H, W] in [-1, 1]
+        step = self.global_step  # generator steps done so far
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+
+        recon, quant = self.tokenizer(images)
+        g_loss, logs = self.loss.generator_loss(images, recon, quant, step, self.tokenizer.decoder.last_layer)
+        self._raise_if_not_finite(logs, step)
+        self._step(opt_g, g_loss, count_as_step=True)
+        sched_g.step()
+        if self.ema is not None:
+            self.ema.update(self.tokenizer)
+
+        if self.loss.discriminator_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach())
+            self._raise_if_not_finite(d_logs, step)
+            self._step(opt_d, d_loss, count_as_step=False)
+            logs.update(d_logs)
+        sched_d.step()
+
+        logs.update({f"quantizer/{k}": v for k, v in quant.metrics.items()})
+        logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
+        self.log("loss", logs["total"], prog_bar=True, logger=False)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        recon, quant = self.eval_tokenizer(batch)
+        # Metrics see what a saved PNG would hold: both sides rounded to uint8.
+        target = Tokenizer.to_uint8(batch).float() / 255
+        output = Tokenizer.to_uint8(recon).float() / 255
+        self.val_psnr.update(output, target)
+        self.val_usage.update(quant.indices)
+        if batch_idx == 0:
+            self.last_val_batch = (batch[:8].detach().cpu(), recon[:8].detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True, sync_dist=False)
+        self.log("val/codebook_usage", self.val_usage.compute(), prog_bar=True, sync_dist=False)
+        self.val_psnr.reset()
+        self.val_usage.reset()

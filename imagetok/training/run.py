@@ -1,0 +1,127 @@
+"""``train(cfg)``: validate the config, build every part, fit, and write the run's summary."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from imagetok.errors import ConfigValueError
+from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
+                                         write_json_atomic)
+from imagetok.training.checks import resolve_resume, validate_config
+from imagetok.training.module import TokenizerTrainingModule
+
+log = logging.getLogger(__name__)
+# Expected here, not a problem: the EMA copy is always in eval mode, and the discriminator's scheduler
+# steps (to stay aligned with the generator's) before the discriminator starts training.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r".*litlogger")
+
+
+def instantiate_part(node: DictConfig, key: str) -> Any:
+    """``hydra.utils.instantiate`` whose config errors name the full key (``loss.disc_start``) instead
+    of arriving wrapped in Hydra's exception."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigValueError):
+            # Hydra records where in the tree the failing object sits (e.g. loss.discriminator)
+            where = re.search(r"full_key: (\S+)", str(err))
+            raise cause.with_prefix(where.group(1) if where else key) from None
+        if cause is not None and type(cause).__name__ == "MissingWeightsError":
+            raise cause from None
+        raise
+
+
+def tokenizer_config(cfg: DictConfig) -> dict[str, Any]:
+    """The JSON-able part of the run config that rebuilds the tokenizer."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("encoder", "quantizer", "decoder")}
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModule]:
+    """Validate and build everything that can fail on a bad value, before any training starts."""
+    validate_config(cfg)
+    datamodule = instantiate_part(cfg.data, "data")
+    loss = instantiate_part(cfg.loss, "loss")
+    module = TokenizerTrainingModule(
+        tokenizer_config(cfg), loss, OmegaConf.to_container(cfg.optim, resolve=True),
+        total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
+        run_config=OmegaConf.to_container(cfg, resolve=True))
+    return module, datamodule
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train` leaves behind: the summary written to ``metrics.json`` and the live objects."""
+
+    summary: dict[str, Any]
+    module: TokenizerTrainingModule
+    trainer: L.Trainer
+    datamodule: L.LightningDataModule
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
+    """Train as ``cfg`` says, writing checkpoints, images and ``metrics.json`` under ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, datamodule = build(cfg)
+    ckpt_path = resolve_resume(cfg.resume, run_dir, Path(cfg.resume_search_dir))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    tok = module.tokenizer
+    h, w, k = tok.token_shape(cfg.data.image_size)
+    log.info("tokenizer: %.2fM parameters (encoder %.2fM, decoder %.2fM), discriminator %.2fM; "
+             "%dx%d image -> %dx%dx%d tokens, codebook sizes %s", _count(tok) / 1e6, _count(tok.encoder) / 1e6,
+             _count(tok.decoder) / 1e6, _count(module.loss.discriminator) / 1e6, cfg.data.image_size,
+             cfg.data.image_size, h, w, k, tok.codebook_sizes)
+    log.info("batch %d per device, %d generator steps, discriminator from step %d, precision %s, run dir %s",
+             cfg.data.batch_size, cfg.trainer.max_steps, cfg.loss.disc_start, cfg.trainer.get("precision"), run_dir)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    elif cfg.resume == "last":
+        log.info("resume=last: no checkpoint found in %s or under %s; starting fresh", run_dir, cfg.resume_search_dir)
+
+    history = ValidationHistory(run_dir)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
+                                  monitor="step", mode="max", save_top_k=cfg.checkpoint.keep)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=run_dir,
+                        logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
+                        callbacks=[checkpoints, history, ReconstructionImages(run_dir)])
+    started = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    summary = history.summary() | {
+        "generator_steps": trainer.global_step, "train_seconds": round(time.time() - started, 1),
+        "tokenizer_parameters": _count(tok), "discriminator_parameters": _count(module.loss.discriminator),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "run_dir": str(run_dir)}
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / "metrics.json", summary)
+        first, last = summary["first_validation"], summary["last_validation"]
+        if first and last:
+            log.info("held-out PSNR: %.2f dB at step %d (first validation) -> %.2f dB at step %d (last); "
+                     "codebook usage %.1f%%", first["val/psnr"], first["step"], last["val/psnr"], last["step"],
+                     100 * last["val/codebook_usage"])
+        log.info("wrote %s, %s and %s", summary["checkpoint"], run_dir / "reconstructions.png", run_dir / "metrics.json")
+    return TrainingRun(summary, module, trainer, datamodule)

@@ -1,0 +1,52 @@
+"""CNN encoder/decoder and the Tokenizer wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imagetok.errors import ConfigValueError
+from imagetok.nets.cnn import Decoder, Encoder
+from imagetok.tokenizer import Tokenizer
+
+SMALL = {"ch": 8, "num_res_blocks": 1, "z_channels": 16}
+
+
+@pytest.mark.parametrize("ch_mult", [[1], [1, 2], [1, 2, 2], [1, 1, 2, 2]])
+def test_any_power_of_two_downsampling(ch_mult):
+    f = 2 ** (len(ch_mult) - 1)
+    enc = Encoder(**SMALL, ch_mult=ch_mult, attn_resolutions=[32 // f], resolution=32)
+    dec = Decoder(**SMALL, ch_mult=ch_mult, attn_resolutions=[32 // f], resolution=32)
+    z = enc(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 16, 32 // f, 32 // f)
+    assert dec(z).shape == (2, 3, 32, 32)
+    assert len(enc.down[-1].attn) == 1 and len(dec.up[-1].attn) == 2  # attention at the lowest level
+
+
+def test_resolution_not_divisible_is_refused():
+    with pytest.raises(ConfigValueError, match="resolution=30.*multiple of the downsampling factor 4"):
+        Encoder(**SMALL, ch_mult=[1, 2, 2], resolution=30)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    net = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 8, "resolution": 16}
+    return Tokenizer.from_config({
+        "encoder": {"_target_": "imagetok.nets.cnn.Encoder", **net},
+        "decoder": {"_target_": "imagetok.nets.cnn.Decoder", **net},
+        "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": 4, "codebook_size": 64},
+    })
+
+
+def test_tokenizer_encode_decode_matches_forward_in_eval():
+    tok = tiny_tokenizer().eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    ids = tok.encode(x)
+    assert ids.shape == (2, 8, 8, 1) and tok.token_shape(16) == (8, 8, 1)
+    recon, _ = tok(x)
+    assert torch.equal(tok.decode(ids), recon)
+    assert tok.to_uint8(torch.tensor([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 128, 255, 255]
+
+
+def test_from_config_refuses_foreign_targets():
+    with pytest.raises(ConfigValueError, match="encoder._target_.*imagetok package"):
+        Tokenizer.from_config({"encoder": {"_target_": "os.system", "command": "true"}, "quantizer": {}, "decoder": {}})

@@ -41,7 +41,7 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: codes whose moving-average assignment count per step falls below this are
             restarted from random latents of the current batch; 0 disables restarts.
         usage_window: codebook usage is the fraction of codes assigned in the last this-many steps.
-        max_search_elements: bound on the size of the distance matrix built at once.
+        max_search_elements: about how many distances are built at once (the search goes in blocks).
     """
 
     def __init__(
@@ -59,7 +59,7 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
         usage_window: int = 1000,
-        max_search_elements: int = 2**24,
+        max_search_elements: int = 2**20,
     ) -> None:
         super().__init__()
         check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")

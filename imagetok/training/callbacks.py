@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid, save_image
 
@@ -20,10 +21,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, min_tile: int = 128) -> torch.Tensor:
     """Originals (top row) above their reconstructions (bottom row); inputs ``[N, 3, H, W]`` in [-1, 1],
-    output a ``[3, H', W']`` image in [0, 1]."""
+    output a ``[3, H', W']`` image in [0, 1]. Small crops are enlarged by an integer factor (nearest
+    neighbour, so every pixel stays exact) until a tile is at least ``min_tile`` pixels high."""
     images = torch.cat([originals, reconstructions.clamp(-1, 1)]).float().add(1).div(2)
+    scale = max(1, min_tile // images.shape[-2])
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
     return make_grid(images, nrow=originals.shape[0], padding=2, pad_value=1.0)
 
 

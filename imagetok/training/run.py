@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-warnings.filterwarnings("ignore", message=r".*litlogger")
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 def instantiate_part(node: DictConfig, key: str) -> Any:

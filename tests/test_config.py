@@ -98,3 +98,5 @@ def test_cli_reports_bad_value_in_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "quantizer.codebook_size=0 is invalid: allowed values are a positive integer" in output
     assert "Traceback" not in output
+    # the bad model value is reported before the loss looks for LPIPS weights
+    assert "perceptual" not in output

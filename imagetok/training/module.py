@@ -29,15 +29,17 @@ class TokenizerTrainingModule(L.LightningModule):
         total_steps: generator steps of the run (end of the cosine schedule).
         ema_decay: decay of the weight EMA used for validation and export; 0 disables it.
         run_config: the resolved run config (primitives only), stored in checkpoints.
+        tokenizer: an already built ``Tokenizer.from_config(tokenizer_config)``; built here when None.
     """
 
     def __init__(self, tokenizer_config: dict[str, Any], loss: VQGANLoss, optim: dict[str, Any],
-                 total_steps: int, ema_decay: float = 0.999, run_config: dict[str, Any] | None = None) -> None:
+                 total_steps: int, ema_decay: float = 0.999, run_config: dict[str, Any] | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         # Primitives only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"tokenizer_config": tokenizer_config, "config": run_config or {}}, logger=False)
-        self.tokenizer = Tokenizer.from_config(tokenizer_config)
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_config(tokenizer_config)
         self.ema = EMA(self.tokenizer, ema_decay) if ema_decay > 0 else None
         self.loss = loss
         self.optim, self.total_steps = dict(optim), total_steps

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from imagetok.errors import ConfigValueError
+from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
                                          write_json_atomic)
 from imagetok.training.checks import resolve_resume, validate_config
@@ -61,11 +62,14 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
     """Validate and build everything that can fail on a bad value, before any training starts."""
     validate_config(cfg)
     datamodule = instantiate_part(cfg.data, "data")
+    # The tokenizer before the loss: a bad model value should not wait for LPIPS weights to be looked up.
+    tok_config = tokenizer_config(cfg)
+    tokenizer = Tokenizer.from_config(tok_config)
     loss = instantiate_part(cfg.loss, "loss")
     module = TokenizerTrainingModule(
-        tokenizer_config(cfg), loss, OmegaConf.to_container(cfg.optim, resolve=True),
+        tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),
         total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
-        run_config=OmegaConf.to_container(cfg, resolve=True))
+        run_config=OmegaConf.to_container(cfg, resolve=True), tokenizer=tokenizer)
     return module, datamodule
 
 

@@ -45,9 +45,28 @@ def test_imagefolder_reads_a_tree(tmp_path):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=2, num_workers=0)
     train, val = dm.train_dataset(), dm.val_dataset()
     assert len(train) == 3 and train[0].shape == (3, 32, 32)
-    expected = torch.from_numpy(np.asarray(Image.open(tmp_path / "val" / "class_a" / "0.png"))).permute(2, 0, 1)
-    # validation: centre square (40x40 of 40x48) resized to 32
-    assert val[0].shape == (3, 32, 32) and expected.shape == (3, 40, 48)
+    # validation: the centre square (40x40 of 40 high x 48 wide) resized to 32, as PIL's antialiased bilinear does
+    image = Image.open(tmp_path / "val" / "class_a" / "0.png").convert("RGB")
+    expected = np.asarray(image.crop((4, 0, 44, 40)).resize((32, 32), Image.BILINEAR)).astype(np.float32)
+    got = (val[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert np.abs(got - expected).max() <= 1.01  # torch's antialiased resize matches PIL to one grey level
+
+
+def test_training_crops_change_every_epoch_but_are_reproducible(tmp_path):
+    _tree(tmp_path, size=(64, 80))
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=3, num_workers=0, scale=(0.3, 0.9))
+    loader = dm.train_dataloader()
+
+    def epoch(number):
+        loader.sampler.set_epoch(number)
+        return next(iter(loader))
+
+    first, second = epoch(0), epoch(1)
+    assert not torch.equal(first, second)  # new crops (and order) each epoch: real augmentation
+    assert torch.equal(epoch(0), first) and torch.equal(epoch(1), second)  # a function of (seed, epoch)
+    # every epoch still visits every file once: index modulo the file count
+    order = list(iter(loader.sampler))
+    assert sorted(i % 3 for i in order) == [0, 1, 2]
 
 
 def test_imagefolder_names_a_corrupt_file(tmp_path):

@@ -50,3 +50,18 @@ def test_tokenizer_encode_decode_matches_forward_in_eval():
 def test_from_config_refuses_foreign_targets():
     with pytest.raises(ConfigValueError, match="encoder._target_.*imagetok package"):
         Tokenizer.from_config({"encoder": {"_target_": "os.system", "command": "true"}, "quantizer": {}, "decoder": {}})
+
+
+@pytest.mark.parametrize("target", ["imagetok.training.run.instantiate",  # imported into imagetok, not defined there
+                                    "imagetok.utils.build.importlib",      # a module, not a class
+                                    "imagetok.errors.ConfigValueError"])   # an imagetok class, but not a torch module
+def test_from_config_refuses_names_that_merely_live_in_imagetok(target):
+    with pytest.raises(ConfigValueError, match="torch module class defined inside the imagetok package"):
+        Tokenizer.from_config({"encoder": {"_target_": target}, "quantizer": {}, "decoder": {}})
+
+
+def test_from_config_refuses_interpolations():
+    config = {"encoder": {"_target_": "imagetok.nets.cnn.Encoder", "ch": "${oc.create:{_target_: os.system}}"},
+              "quantizer": {}, "decoder": {}}
+    with pytest.raises(ConfigValueError, match="encoder.ch=.*plain value"):
+        Tokenizer.from_config(config)

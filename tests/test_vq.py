@@ -128,6 +128,21 @@ def test_ema_update_moves_codes_toward_assigned_means():
     assert ((code - means).norm(dim=1) < (before - means).norm(dim=1)).all()
 
 
+def test_laplace_smoothing_keeps_an_unused_code_finite_and_preserves_the_total_count():
+    vq = make(dim=2, codebook_size=2, codebook_update="ema", decay=0.5, epsilon=0.1).train()
+    vq.codebook.data = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    z = torch.tensor([[1.0, 1.0], [1.0, 1.0]]).T.reshape(1, 2, 2, 1)  # both tokens go to code 0
+    vq(z)  # initialises statistics (1 expected count per code), then one update
+    vq.cluster_size[1], vq.embed_sum[1] = 0.0, 0.0  # code 1 has never been used
+    vq(z)
+    assert torch.isfinite(vq.codebook.data).all()
+    assert torch.equal(vq.codebook.data[1], torch.zeros(2))  # 0 / smoothed count, not 0 / 0
+    # code 0: its averaged sum over its smoothed count, where smoothing moves epsilon of mass per code
+    # but keeps the total n: (c0 + eps) / (n + 2 eps) * n
+    c0, n = vq.cluster_size[0], vq.cluster_size.sum()
+    assert torch.allclose(vq.codebook.data[0], vq.embed_sum[0] / ((c0 + 0.1) / (n + 0.2) * n))
+
+
 def _blobs(n_per: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(3)
     centers = torch.tensor([[5.0, 0, 0, 0], [-5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, -5.0, 0, 0]])
@@ -151,10 +166,30 @@ def test_kmeans_init_from_first_batches_changes_only_the_codebook_statistics():
         assert torch.allclose(codes[k], points[assign == k].mean(0), atol=1e-5)
     assert torch.cdist(centers, codes).min(dim=1).values.max() < 0.3  # every blob (7 apart) got a code
     assert bool(vq.initialized)
-    changed = {k for k, v in vq.state_dict().items() if not torch.equal(v, snapshot[k])}
-    assert changed <= {"codebook", "initialized", "cluster_size", "embed_sum", "last_used", "step"}
-    assert "project_in.weight" not in changed
     assert torch.allclose(vq.cluster_size.sum(), torch.tensor(128.0))  # per-step counts of one batch
+
+
+def test_kmeans_init_with_projection_leaves_the_projections_alone():
+    vq = make(dim=8, codebook_dim=4, l2_normalize=True, codebook_update="ema", kmeans_init_batches=1).train()
+    snapshot = {k: v.clone() for k, v in vq.state_dict().items()}
+    z = torch.randn(2, 8, 8, 8)
+    vq(z)
+    changed = {k for k, v in vq.state_dict().items() if not torch.equal(v, snapshot[k])}
+    assert {"codebook", "initialized", "cluster_size", "embed_sum"} <= changed
+    assert changed <= {"codebook", "initialized", "cluster_size", "embed_sum", "last_used", "step"}
+    assert {"project_in.weight", "project_in.bias", "project_out.weight", "project_out.bias"} <= set(snapshot)
+    # the codes live where the search happens: on the unit sphere of the projected space
+    assert torch.allclose(vq.codebook.data.norm(dim=1), torch.ones(32), atol=1e-5)
+
+
+def test_encode_without_gradients_never_changes_the_quantizer():
+    vq = make(codebook_update="ema", kmeans_init_batches=1, dead_code_threshold=1.0).train()
+    snapshot = {k: v.clone() for k, v in vq.state_dict().items()}
+    with torch.no_grad():  # what Tokenizer.encode does, whatever the mode
+        vq(torch.randn(2, 8, 4, 4))
+    assert all(torch.equal(vq.state_dict()[k], v) for k, v in snapshot.items())
+    vq(torch.randn(2, 8, 4, 4))  # a training forward does update
+    assert bool(vq.initialized)
 
 
 def test_dead_code_restart_replaces_only_dead_codes_with_batch_latents():
@@ -176,6 +211,24 @@ def test_dead_code_restart_replaces_only_dead_codes_with_batch_latents():
         assert (tokens - after[i]).abs().sum(1).min() < 1e-6
     assert torch.allclose(vq.cluster_size[dead], torch.full((3,), 0.5))
     assert metrics["restarted_codes"] == 3
+
+
+def test_dead_code_restart_with_ema_projection_and_l2_resets_the_statistics():
+    vq = make(dim=8, codebook_size=16, codebook_dim=4, l2_normalize=True, codebook_update="ema",
+              dead_code_threshold=0.5).train()
+    vq(torch.randn(2, 8, 4, 4))  # initialise statistics
+    vq.cluster_size[:] = 10.0
+    dead = torch.tensor([2, 9])
+    vq.cluster_size[dead] = 0.0
+    z2 = torch.randn(2, 8, 4, 4)
+    assert vq(z2).metrics["restarted_codes"] == 2
+    # revived codes are this batch's latents where the search happens: projected, on the unit sphere
+    with torch.no_grad():
+        latents = F.normalize(vq.project_in(z2.permute(0, 2, 3, 1).reshape(-1, 8)), dim=-1)
+    for i in dead:
+        assert (latents - vq.codebook.data[i]).abs().sum(1).min() < 1e-5
+        assert torch.allclose(vq.embed_sum[i], vq.codebook.data[i] * 0.5)  # stale sums are gone
+    assert torch.allclose(vq.cluster_size[dead], torch.full((2,), 0.5))
 
 
 def test_usage_over_window_and_perplexity():

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imagetok.data.transforms import to_model_range
 from imagetok.errors import check
@@ -15,7 +16,9 @@ from imagetok.errors import check
 
 class CropDataset(Dataset):
     """``length`` samples, each a crop of one of ``source``'s images. Sample ``i`` is a pure function
-    of ``(seed, i)``, so data order survives resumption and worker count does not change the data.
+    of ``(seed, i)``, so the number of workers does not change the data. With ``cycle``, sample ``i``
+    crops image ``i % len(source)``, and indices past ``length`` (see :class:`EpochShuffleSampler`)
+    give the same images with new crops.
 
     Args:
         source: indexable images (uint8 ``[3, H, W]``), ``len(source)`` of them.
@@ -32,6 +35,28 @@ class CropDataset(Dataset):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         which = index % len(self.source) if self.cycle else int(torch.randint(len(self.source), (1,), generator=generator))
         return to_model_range(self.crop(self.source[which], generator=generator))
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A new permutation of ``range(len(dataset))`` every pass, each index offset by ``pass * len``,
+    so a :class:`CropDataset` draws fresh crops every epoch while the order stays a pure function of
+    ``(dataset.seed, epoch)``. Lightning calls :meth:`set_epoch`; without it, passes count themselves.
+    """
+
+    def __init__(self, dataset: CropDataset) -> None:
+        self.size, self.seed, self.epoch = len(dataset), dataset.seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + self.epoch)
+        order = torch.randperm(self.size, generator=generator) + self.epoch * self.size
+        self.epoch += 1
+        return iter(order.tolist())
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -52,8 +77,9 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataset(self) -> Dataset: ...
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=shuffle, persistent_workers=self.num_workers > 0)
+        sampler = EpochShuffleSampler(dataset) if shuffle and isinstance(dataset, CropDataset) else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=shuffle, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset(), self.batch_size, shuffle=True)

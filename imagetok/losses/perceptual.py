@@ -9,6 +9,7 @@ load the backbone ourselves, so a missing file is one clear line that says where
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import nn
 from imagetok.errors import MissingWeightsError
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1, which lpips uses
+VGG16_HASH_PREFIX = "397923af"  # sha256 prefix, as torchvision names its files
+DOWNLOAD_TIMEOUT_S = 30
 # torchvision `features` index ranges that lpips groups into slice1..slice5
 _VGG_SLICES = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
 
@@ -38,12 +41,18 @@ def load_vgg16_state_dict(weights_path: str | None = None, allow_download: bool 
             "or set loss.perceptual_weights_path=<file>.")
     if weights_path or not allow_download or os.environ.get("IMAGETOK_OFFLINE") == "1":
         raise MissingWeightsError(hint)
-    try:
-        from torchvision.models import VGG16_Weights
+    from torchvision.models import VGG16_Weights
 
-        return VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as err:  # offline: URLError / OSError from the download
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a network that drops packets must not hang the run
+    try:  # with a progress bar (528 MB), checked against the hash in the file name
+        torch.hub.download_url_to_file(VGG16_Weights.IMAGENET1K_V1.url, str(path), hash_prefix=VGG16_HASH_PREFIX)
+    except Exception as err:  # offline: URLError / OSError / timeout / a hash mismatch
         raise MissingWeightsError(f"{hint} (download failed: {type(err).__name__})") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _lpips_vgg(random_backbone: bool) -> nn.Module:

@@ -102,10 +102,13 @@ class VQGANLoss(nn.Module):
         logs["total"] = total.detach()
         return total, logs
 
-    def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Discriminator loss on real ``images`` and detached ``recon``, both ``[B, 3, H, W]`` in [-1, 1]."""
-        logits_real = self.discriminator(images.detach()).float()
-        logits_fake = self.discriminator(recon.detach()).float()
+    def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Discriminator loss on real ``images`` and detached ``recon``, both ``[B, 3, H, W]`` in [-1, 1].
+        ``discriminator``: what to call instead of ``self.discriminator`` (its data-parallel wrapper)."""
+        discriminator = discriminator if discriminator is not None else self.discriminator
+        logits_real = discriminator(images.detach()).float()
+        logits_fake = discriminator(recon.detach()).float()
         loss = discriminator_loss(self.gan_loss, logits_real, logits_fake)
         return loss, {"disc": loss.detach(), "logits_real": logits_real.mean().detach(),
                       "logits_fake": logits_fake.mean().detach()}

@@ -91,19 +91,24 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
 
 
+def world_size() -> int:
+    """Number of ranks in the default process group (1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over all ranks (no-op without an initialised process group): the one
     place where per-rank codebook statistics become global ones."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(tensor)
+    if world_size() > 1:
+        torch.distributed.all_reduce(tensor)
     return tensor
 
 
 def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     """Overwrite ``tensor`` in place with rank 0's copy, so randomised decisions (k-means seeds,
     which samples revive dead codes) are identical on every rank."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.broadcast(tensor, src=0)
+    if world_size() > 1:
+        torch.distributed.broadcast(tensor, src=0)
     return tensor

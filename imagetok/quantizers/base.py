@@ -4,6 +4,11 @@
 ``[B, N, C]`` (a 1D token sequence, channels last) and returns a :class:`QuantizerOutput`.
 ``indices_to_latents(indices)`` is the exact inverse of the lookup, and ``codebook_sizes`` gives one
 vocabulary size per sub-token, so downstream code never needs to know the family.
+
+Training-time state (codebook initialisation, EMA statistics, dead-code restarts) changes only in a
+forward that is both in training mode and has gradients enabled, so ``Tokenizer.encode`` (no_grad)
+never mutates a tokenizer, whatever its mode. Statistics are summed over ranks and randomised
+decisions are taken on rank 0 and broadcast (``_utils.all_reduce_sum`` / ``broadcast_from_rank0``).
 """
 
 from __future__ import annotations

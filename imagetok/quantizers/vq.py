@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagetok.errors import check
+from imagetok.errors import ConfigValueError, check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
@@ -112,7 +112,9 @@ class VectorQuantizer(Quantizer):
         tokens, restore = U.to_tokens(z)  # [T, dim]
         with U.float32_math(z.device):
             x = self._project_in(tokens.float())  # [T, codebook_dim]
-            if self.training and not bool(self.initialized):
+            # State changes only in a training forward with gradients: encode() (no_grad) never mutates.
+            updating = self.training and torch.is_grad_enabled()
+            if updating and not bool(self.initialized):
                 self._initialize(x.detach())
             codes = self._codes()
             idx = U.nearest_code(x.detach(), codes.detach(), self.max_search_elements, self.l2_normalize)
@@ -125,7 +127,7 @@ class VectorQuantizer(Quantizer):
                 loss = loss + codebook_loss
                 metrics["codebook_loss"] = codebook_loss.detach()
             counts = torch.bincount(idx, minlength=self.codebook_size)
-            if self.training and bool(self.initialized):
+            if updating and bool(self.initialized):
                 metrics.update(self._update_state(x.detach(), idx, counts))
             # Straight-through: the value is exactly q (x - sg(x) is exactly 0), the gradient goes to x.
             out = self.project_out(q.detach() + (x - x.detach()))
@@ -138,8 +140,9 @@ class VectorQuantizer(Quantizer):
 
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         check(indices.shape[-1] == 1, "indices", tuple(indices.shape), "shape [B, *spatial, 1]")
-        check(bool((indices >= 0).all() and (indices < self.codebook_size).all()), "indices",
-              f"range [{int(indices.min())}, {int(indices.max())}]", f"integers in [0, {self.codebook_size})")
+        if not bool(((indices >= 0) & (indices < self.codebook_size)).all()):  # one sync, message built only on failure
+            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
+                                   f"integers in [0, {self.codebook_size})")
         with U.float32_math(indices.device):
             flat = indices.reshape(-1)
             out = self.project_out(F.embedding(flat, self._codes()))  # [T, dim]
@@ -166,9 +169,10 @@ class VectorQuantizer(Quantizer):
             self._kmeans_pool.clear()
             centroids, counts = U.kmeans(pool, self.codebook_size, self.kmeans_iters, self.l2_normalize)
             self.codebook.data.copy_(U.broadcast_from_rank0(centroids))
-            per_step = U.broadcast_from_rank0(counts * x.shape[0] / pool.shape[0])
+            # cluster_size counts assignments per step over all ranks, as _update_state's all-reduced counts do
+            per_step = U.broadcast_from_rank0(counts * x.shape[0] * U.world_size() / pool.shape[0])
         else:
-            per_step = torch.full_like(self.cluster_size, x.shape[0] / self.codebook_size)
+            per_step = torch.full_like(self.cluster_size, x.shape[0] * U.world_size() / self.codebook_size)
         self.cluster_size.copy_(per_step)
         self.embed_sum.copy_(self.codebook.data.float() * per_step[:, None])
         self.initialized.fill_(True)

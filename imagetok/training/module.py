@@ -8,16 +8,18 @@ precision plugins working but does not advance Lightning's step counter.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
+from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.losses.vqgan import VQGANLoss
 from imagetok.tokenizer import Tokenizer
 from imagetok.training.ema import EMA
+from imagetok.training.rank_sync import unsynced_state
 from imagetok.training.schedule import lr_lambda
 
 
@@ -46,6 +48,17 @@ class TokenizerTrainingModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.val_usage = CodebookUsage(self.tokenizer.codebook_sizes)
         self.last_val_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # for the image callback
+        # Data-parallel wrappers of the generator and the discriminator, set by
+        # GeneratorDiscriminatorDDPStrategy; a plain dict keeps them out of state_dict and .to().
+        self._parallel: dict[str, nn.Module] = {}
+        self.state_differing_across_ranks: list[str] = []  # set after multi-process training: state that differs by rank
+
+    def wrap_for_data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Give the tokenizer and the discriminator a data-parallel wrapper each (see training/strategy.py)."""
+        self._parallel = {"tokenizer": wrap(self.tokenizer), "discriminator": wrap(self.loss.discriminator)}
+
+    def unwrap_from_data_parallel(self) -> None:
+        self._parallel = {}
 
     @property
     def eval_tokenizer(self) -> Tokenizer:
@@ -87,23 +100,23 @@ class TokenizerTrainingModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
 
-        recon, quant = self.tokenizer(images)
+        recon, quant = self._parallel.get("tokenizer", self.tokenizer)(images)
         g_loss, logs = self.loss.generator_loss(images, recon, quant, step, self.tokenizer.decoder.last_layer)
         self._raise_if_not_finite(logs, step)
+        logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])  # the rate this step uses
         self._step(opt_g, g_loss, count_as_step=True)
         sched_g.step()
         if self.ema is not None:
             self.ema.update(self.tokenizer)
 
         if self.loss.discriminator_active(step):
-            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach())
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"))
             self._raise_if_not_finite(d_logs, step)
             self._step(opt_d, d_loss, count_as_step=False)
             logs.update(d_logs)
         sched_d.step()
 
         logs.update({f"quantizer/{k}": v for k, v in quant.metrics.items()})
-        logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("loss", logs["total"], prog_bar=True, logger=False)
 
@@ -117,8 +130,13 @@ class TokenizerTrainingModule(L.LightningModule):
         if batch_idx == 0:
             self.last_val_batch = (batch[:8].detach().cpu(), recon[:8].detach().cpu())
 
+    def on_train_end(self) -> None:
+        if self.trainer.world_size > 1:
+            self.state_differing_across_ranks = unsynced_state(self, self.all_gather)
+
     def on_validation_epoch_end(self) -> None:
-        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True, sync_dist=False)
-        self.log("val/codebook_usage", self.val_usage.compute(), prog_bar=True, sync_dist=False)
+        # compute() already sums the metric states over ranks; sync_dist then averages equal values
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/codebook_usage", self.val_usage.compute(), prog_bar=True, sync_dist=True)
         self.val_psnr.reset()
         self.val_usage.reset()

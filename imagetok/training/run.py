@@ -15,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imagetok.errors import ConfigValueError
@@ -23,6 +24,7 @@ from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImage
                                          write_json_atomic)
 from imagetok.training.checks import resolve_resume, validate_config
 from imagetok.training.module import TokenizerTrainingModule
+from imagetok.training.strategy import GeneratorDiscriminatorDDPStrategy, wants_ddp
 
 log = logging.getLogger(__name__)
 # Expected here, not a problem: the EMA copy is always in eval mode, and the discriminator's scheduler
@@ -31,6 +33,8 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+# CPU (mkldnn) returns 1x1-conv gradients in another memory layout; DDP copies them, correct but noisy.
+warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
 
 
 def instantiate_part(node: DictConfig, key: str) -> Any:
@@ -90,7 +94,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     ckpt_path = resolve_resume(cfg.resume, run_dir, Path(cfg.resume_search_dir))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # Lightning's DDP launcher re-runs this script for the other ranks
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     tok = module.tokenizer
     h, w, k = tok.token_shape(cfg.data.image_size)
@@ -109,7 +114,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   monitor="step", mode="max", save_top_k=cfg.checkpoint.keep)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), default_root_dir=run_dir,
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"), trainer_args.get("num_nodes", 1)):
+        trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
+    trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
                         logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
                         callbacks=[checkpoints, history, ReconstructionImages(run_dir)])
     started = time.time()
@@ -119,7 +127,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     summary = history.summary() | {
         "generator_steps": trainer.global_step, "train_seconds": round(time.time() - started, 1),
         "tokenizer_parameters": _count(tok), "discriminator_parameters": _count(module.loss.discriminator),
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "run_dir": str(run_dir)}
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "run_dir": str(run_dir),
+        "world_size": trainer.world_size}
+    if trainer.world_size > 1:
+        differing = module.state_differing_across_ranks
+        summary["ranks_in_sync"] = not differing
+        if differing:
+            log.error("weights or quantizer state differ between ranks after training: %s", ", ".join(differing[:10]))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", summary)
         first, last = summary["first_validation"], summary["last_validation"]

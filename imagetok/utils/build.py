@@ -1,7 +1,7 @@
 """Build objects from ``{"_target_": "imagetok....", **kwargs}`` dicts, the format Hydra configs use.
 
 This is what loads a saved tokenizer, so it is deliberately narrower than ``hydra.utils.instantiate``:
-it only builds classes inside the ``imagetok`` package (a ``config.json`` naming ``os.system`` is
+it only builds ``nn.Module`` classes defined inside the ``imagetok`` package (a ``config.json`` naming ``os.system`` is
 refused), and a bad value comes back as a :class:`ConfigValueError` naming the full key.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from typing import Any
+
+from torch import nn
 
 from imagetok.errors import ConfigValueError
 
@@ -23,9 +25,15 @@ def locate(target: str, key: str) -> Any:
                                "a class inside the imagetok package (foreign targets are refused)")
     module_name, _, attr = target.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ConfigValueError(f"{key}._target_", target, f"an existing imagetok class ({err})") from None
+    # A name merely imported into an imagetok module (a function, hydra's instantiate, ...) is not enough:
+    # only torch modules defined in imagetok may be built from a saved config.
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__.startswith(ALLOWED_PREFIX)):
+        raise ConfigValueError(f"{key}._target_" if key else "_target_", target,
+                               "a torch module class defined inside the imagetok package")
+    return obj
 
 
 def build(node: Any, key: str = "") -> Any:
@@ -43,4 +51,6 @@ def build(node: Any, key: str = "") -> Any:
             raise ConfigValueError(key, sorted(kwargs), f"the arguments of {node['_target_']} ({err})") from None
     if isinstance(node, (list, tuple)):
         return [build(v, f"{key}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:  # saved configs are resolved; interpolation could run resolvers
+        raise ConfigValueError(key, node, "a plain value (interpolations are resolved before saving)")
     return node

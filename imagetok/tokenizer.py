@@ -22,7 +22,7 @@ class Tokenizer(nn.Module):
     """Discrete image tokenizer.
 
     ``quant_conv`` (1x1) maps the encoder's ``z_channels`` to the quantizer's ``dim`` and
-    ``post_quant_conv`` maps back to the decoder's ``z_channels``, as in VQGAN.
+    ``post_quant_conv`` maps the quantizer's ``out_dim`` back to the decoder's ``z_channels``, as in VQGAN.
 
     Args:
         encoder: module with ``z_channels``; ``[B, 3, H, W] -> [B, z_channels, h, w]``.
@@ -37,7 +37,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
-        self.post_quant_conv = nn.Conv2d(quantizer.dim, decoder.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, 1)
         self.config = copy.deepcopy(dict(config)) if config is not None else None
 
     @classmethod
@@ -75,7 +75,7 @@ class Tokenizer(nn.Module):
         return self.quantizer(self.quant_conv(self.encoder(images)))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Quantized latents ``[B, dim, h, w]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
+        """Quantized latents ``[B, out_dim, h, w]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
@@ -94,7 +94,7 @@ class Tokenizer(nn.Module):
         return self.decode_latents(self.quantizer.indices_to_latents(indices))
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, h, w, K]`` -> quantized latents ``[B, dim, h, w]``."""
+        """Indices ``[B, h, w, K]`` -> quantized latents ``[B, out_dim, h, w]``."""
         return self.quantizer.indices_to_latents(indices)
 
     @staticmethod

@@ -29,18 +29,29 @@ class QuantizerOutput:
     indices: LongTensor ``[B, *spatial, K]`` (or ``[B, N, K]``): K sub-tokens per position.
     loss:    scalar, every auxiliary loss of the quantizer, already weighted.
     metrics: detached scalars for logging (usage, perplexity, commitment, ...).
+    features: named non-detached tensors for losses outside the quantizer, e.g. ``"semantic"``
+             ``[B, C_s, *spatial]`` features that a teacher-alignment loss compares with a teacher's
+             (factorized and dual-codebook families); empty for most families.
     """
 
     z_q: torch.Tensor
     indices: torch.Tensor
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Quantizer(nn.Module, ABC):
-    """Base class: subclasses set ``self.dim`` (channels of the latents they take)."""
+    """Base class: subclasses set ``self.dim`` (channels of the latents they take). ``out_dim`` is
+    the channel count of ``z_q``; it equals ``dim`` unless a family changes it (a factorized
+    quantizer concatenating its sub-codes, a KL latent taking mean and log-variance)."""
 
     dim: int
+
+    @property
+    def out_dim(self) -> int:
+        """Channels of ``z_q`` and of :meth:`indices_to_latents`' output (``dim`` by default)."""
+        return self.dim
 
     @property
     @abstractmethod
@@ -53,5 +64,5 @@ class Quantizer(nn.Module, ABC):
 
     @abstractmethod
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-        """Map ``indices`` ``[B, *spatial, K]`` back to latents ``[B, C, *spatial]``
+        """Map ``indices`` ``[B, *spatial, K]`` back to latents ``[B, out_dim, *spatial]``
         (or ``[B, N, C]`` when ``channels_last``), equal to ``z_q`` of the forward pass in eval mode."""

@@ -29,7 +29,8 @@ def hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
-def load_vgg16_state_dict(weights_path: str | None = None, allow_download: bool = True) -> dict[str, torch.Tensor]:
+def load_vgg16_state_dict(weights_path: str | None = None, allow_download: bool = True,
+                          config_key: str = "loss.perceptual_weights_path") -> dict[str, torch.Tensor]:
     """torchvision VGG16 state dict from ``weights_path``, else the hub cache, else a download
     (skipped when ``IMAGETOK_OFFLINE=1``).
     Raises :class:`MissingWeightsError` (one line: which file, where to put it) when none works."""
@@ -38,7 +39,7 @@ def load_vgg16_state_dict(weights_path: str | None = None, allow_download: bool 
         return torch.load(path, map_location="cpu", weights_only=True)
     hint = (f"LPIPS needs the VGG16 ImageNet weights '{VGG16_FILE}': not found at {path}. Download it on a "
             f"machine with network (torchvision VGG16_Weights.IMAGENET1K_V1), then put it at {hub_cache_path()} "
-            "or set loss.perceptual_weights_path=<file>.")
+            f"or set {config_key}=<file>.")
     if weights_path or not allow_download or os.environ.get("IMAGETOK_OFFLINE") == "1":
         raise MissingWeightsError(hint)
     from torchvision.models import VGG16_Weights
@@ -73,11 +74,12 @@ class LPIPS(nn.Module):
         random_backbone: skip the backbone weights (tests only: the distance is then not LPIPS).
     """
 
-    def __init__(self, weights_path: str | None = None, random_backbone: bool = False, allow_download: bool = True) -> None:
+    def __init__(self, weights_path: str | None = None, random_backbone: bool = False, allow_download: bool = True,
+                 config_key: str = "loss.perceptual_weights_path") -> None:
         super().__init__()
         self.net = _lpips_vgg(random_backbone)
         if not random_backbone:
-            vgg = load_vgg16_state_dict(weights_path, allow_download)
+            vgg = load_vgg16_state_dict(weights_path, allow_download, config_key)
             mapped = {f"slice{s}.{i}.{p}": vgg[f"features.{i}.{p}"]
                       for s, idx in _VGG_SLICES.items() for i in idx for p in ("weight", "bias")
                       if f"features.{i}.{p}" in vgg}

@@ -120,7 +120,7 @@ class TokenizerTrainingModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("loss", logs["total"], prog_bar=True, logger=False)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         recon, quant = self.eval_tokenizer(batch)
         # Metrics see what a saved PNG would hold: both sides rounded to uint8.
         target = Tokenizer.to_uint8(batch).float() / 255
@@ -129,6 +129,7 @@ class TokenizerTrainingModule(L.LightningModule):
         self.val_usage.update(quant.indices)
         if batch_idx == 0:
             self.last_val_batch = (batch[:8].detach().cpu(), recon[:8].detach().cpu())
+        return {"reconstruction": recon.detach()}  # for validation callbacks (val/fid)
 
     def on_train_end(self) -> None:
         if self.trainer.world_size > 1:

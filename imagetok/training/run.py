@@ -111,6 +111,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
         log.info("resume=last: no checkpoint found in %s or under %s; starting fresh", run_dir, cfg.resume_search_dir)
 
     history = ValidationHistory(run_dir)
+    extra_callbacks = []
+    if cfg.get("val_fid") and cfg.val_fid.enabled:  # the same FID code as evaluate.py, on the validation split
+        from imagetok.evaluation.callback import ValidationFID
+
+        extra_callbacks.append(ValidationFID(str(cfg.val_fid.feature_layer), cfg.val_fid.inception_weights,
+                                             cfg.val_fid.random_weights))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   monitor="step", mode="max", save_top_k=cfg.checkpoint.keep)
@@ -119,7 +125,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
                         logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
-                        callbacks=[checkpoints, history, ReconstructionImages(run_dir)])
+                        callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir)])
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps

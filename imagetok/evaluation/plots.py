@@ -1,0 +1,43 @@
+"""PNG plots of token statistics: usage histogram per sub-codebook and the rank-frequency (Zipf) curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def plot_usage_histograms(per_codebook: list[torch.Tensor], path: str | Path) -> None:
+    """One panel per sub-codebook: how often each code index was used (counts ``[K]`` each)."""
+    n = len(per_codebook)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)
+    for k, (ax, counts) in enumerate(zip(axes[:, 0], per_codebook)):
+        counts = counts.double().cpu()
+        ax.bar(range(counts.numel()), counts.numpy(), width=1.0, color="tab:blue")
+        used = int((counts > 0).sum())
+        ax.set_title(f"sub-codebook {k}: {used}/{counts.numel()} codes used ({100 * used / counts.numel():.1f}%)")
+        ax.set_xlabel("code index")
+        ax.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rank_frequency(per_codebook: list[torch.Tensor], exponents: list[float], path: str | Path) -> None:
+    """Log-log rank-frequency curve of each sub-codebook's used codes, with the fitted Zipf exponent."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for k, (counts, s) in enumerate(zip(per_codebook, exponents)):
+        freq = counts[counts > 0].double().sort(descending=True).values.cpu()
+        if freq.numel():
+            ax.loglog(range(1, freq.numel() + 1), (freq / freq.sum()).numpy(), label=f"sub-codebook {k} (s={s:.2f})")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("frequency")
+    ax.set_title("token rank-frequency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -246,3 +246,25 @@ def test_validation_fid_during_training_is_evaluate_py_number(tmp_path):
                                        "eval.num_images=16", "eval.metrics=[fid]"]), tmp_path / "eval")
     assert logged > 0
     assert logged == pytest.approx(evaluated["fid"], rel=1e-5)  # logged as float32
+
+
+def test_evaluation_on_two_processes_counts_each_image_once(checkpoint, tmp_path):
+    """torchrun with 2 gloo processes: each rank reconstructs half the split and the merged numbers
+    equal the single-process ones."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = [f"checkpoint={checkpoint}", *FAST, "eval.num_images=24", "eval.metrics=[psnr,ssim,fid,tokens]"]
+    single = evaluate(_eval_config(args), tmp_path / "single")
+    env = dict(os.environ, OMP_NUM_THREADS="1", IMAGETOK_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    str(ROOT / "evaluate.py"), *args, f"hydra.run.dir={tmp_path / 'double'}"],
+                   check=True, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    double = json.loads((tmp_path / "double" / "metrics.json").read_text())
+    assert double["num_images"] == 24 and double["protocol"]["world_size"] == 2
+    assert double["tokens"] == single["tokens"]
+    for key in ("psnr", "ssim", "fid"):
+        assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-9), key

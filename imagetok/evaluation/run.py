@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_re
 from imagetok.evaluation.inception import InceptionFeatures
 from imagetok.evaluation.plots import plot_rank_frequency, plot_usage_histograms
 from imagetok.evaluation.tokens import token_statistics
+from imagetok.quantizers._utils import all_reduce_sum
 from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import reconstruction_grid, write_json_atomic
 
@@ -56,6 +58,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device. Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is started
+    (NCCL on GPUs, gloo on CPUs) and each rank takes every ``world``-th image, so every image is
+    counted exactly once; statistics are then summed over ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
 def validate_eval_config(e: DictConfig) -> None:
     check(e.weights in ("ema", "raw"), "eval.weights", e.weights, "'ema' or 'raw'")
     unknown = [m for m in e.metrics if m not in METRICS]
@@ -76,39 +95,43 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     e = cfg.eval
     validate_eval_config(e)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rank, world, device = init_distributed()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.checkpoint, e.weights)
+    tokenizer = load_tokenizer(cfg.checkpoint, e.weights).to(device)
     data_cfg = cfg.data.copy()
     if e.num_images is not None and "val_samples" in data_cfg:  # the sample data draws as many crops as asked
         data_cfg.val_samples = e.num_images
     datamodule = instantiate_part(data_cfg, "data")
     dataset = datamodule.val_dataset()
     total = len(dataset) if e.num_images is None else min(e.num_images, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(total)), batch_size=e.batch_size,
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, total, world)), batch_size=e.batch_size,
                                          num_workers=datamodule.num_workers)
 
     wanted = set(e.metrics)
-    psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)) if "psnr" in wanted else None
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0) if "ssim" in wanted else None
+    psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) if "psnr" in wanted else None
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if "ssim" in wanted else None
     lpips_net = None
     if "lpips" in wanted:
         from imagetok.losses.perceptual import LPIPS
 
-        lpips_net = LPIPS(e.lpips_weights, random_backbone=e.random_weights, config_key="eval.lpips_weights")
+        lpips_net = LPIPS(e.lpips_weights, random_backbone=e.random_weights, config_key="eval.lpips_weights").to(device)
     inception = None
     if "fid" in wanted:
-        inception = InceptionFeatures(str(e.feature_layer), e.inception_weights, random_weights=e.random_weights)
+        inception = InceptionFeatures(str(e.feature_layer), e.inception_weights, random_weights=e.random_weights).to(device)
         if total < inception.dim and e.fid_reference == "originals" and not e.force:
             raise ConfigValueError("eval.num_images", total, f">= the feature dimension {inception.dim} for a "
                                    "full-rank covariance (or eval.force=true to compute a rank-deficient FID anyway)")
     stats_real = FeatureStatistics(inception.dim) if inception else None
     stats_fake = FeatureStatistics(inception.dim) if inception else None
-    usage = CodebookUsage(tokenizer.codebook_sizes)
+    usage = CodebookUsage(tokenizer.codebook_sizes).to(device)
     lpips_sum, seen, grid = 0.0, 0, None
 
-    with torch.no_grad(), tqdm(total=total, desc="evaluate", unit="img") as bar:
+    with torch.no_grad(), tqdm(total=len(loader.dataset), desc=f"evaluate (rank {rank}/{world})" if world > 1
+                               else "evaluate", unit="img", disable=rank != 0) as bar:
         for images in loader:  # [B, 3, H, W] in [-1, 1]
+            images = images.to(device)
             recon, quant = tokenizer(images)
             if e.round_to_uint8:
                 real_u8, fake_u8 = Tokenizer.to_uint8(images), Tokenizer.to_uint8(recon)
@@ -127,10 +150,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 stats_fake.update(inception(fake_u8 if fake_u8 is not None else Tokenizer.to_uint8(recon)))
             usage.update(quant.indices)
             if grid is None:
-                grid = reconstruction_grid(images[:8], recon[:8])
+                grid = reconstruction_grid(images[:8].cpu(), recon[:8].cpu())
             seen += images.shape[0]
             bar.update(images.shape[0])
 
+    # every rank reaches these collectives; only the file writing below is rank 0's
+    seen, lpips_sum = (float(all_reduce_sum(torch.tensor(v, dtype=torch.float64, device=device)))
+                       for v in (float(seen), lpips_sum))
+    seen = int(seen)
+    all_reduce_sum(usage.counts)
     results: dict[str, Any] = {"num_images": seen}
     if psnr is not None:
         results["psnr"] = float(psnr.compute())
@@ -149,7 +177,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             mu_ref, sigma_ref = load_reference(e.fid_reference)
             reference = f"statistics file {e.fid_reference}"
         results["fid"] = frechet_distance(mu_ref, sigma_ref, mu_fake, sigma_fake)
-        if e.save_reference:
+        if e.save_reference and rank == 0:
             mu_real, sigma_real = stats_real.mean_and_covariance()
             save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
                            inception=inception.weights_identity, layer=inception.feature_layer)
@@ -175,6 +203,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "codebook_usage": "distinct codes over the whole split / codebook size, per sub-codebook (exact counts)",
         "versions": _versions(), "seed": cfg.seed}
 
+    results["protocol"]["world_size"] = world
+    if rank != 0:
+        return results
     write_json_atomic(run_dir / "metrics.json", results)
     (run_dir / "summary.md").write_text(summary_table(results))
     save_image(grid, run_dir / "reconstructions.png")

@@ -55,6 +55,34 @@ class Tokenizer(nn.Module):
 
         return load_tokenizer_from_checkpoint(path, weights)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> "Tokenizer":
+        """Load a ``save_pretrained`` directory or a Hugging Face Hub id (``owner/name``): safetensors
+        weights, classes inside ``imagetok`` only; returned in eval mode, with no training parts."""
+        from imagetok.export.pretrained import load_pretrained
+
+        return load_pretrained(name_or_path, revision)
+
+    def save_pretrained(self, out_dir: str | Path, extra: dict[str, Any] | None = None, card: str | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``README.md`` model card) into ``out_dir``."""
+        from imagetok.export.pretrained import save_pretrained
+
+        return save_pretrained(self, out_dir, extra, card)
+
+    def push_to_hub(self, repo_id: str, out_dir: str | Path | None = None, private: bool = True,
+                    token: str | None = None) -> str:
+        """Publish to the Hugging Face Hub: uploads ``out_dir`` (an existing export with its model card)
+        or a fresh ``save_pretrained`` of this tokenizer. Returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(out_dir) if out_dir is not None else self.save_pretrained(tmp)
+            return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder)))
+
     @property
     def codebook_sizes(self) -> list[int]:
         """Vocabulary size of each of the K sub-tokens per position."""
@@ -96,6 +124,42 @@ class Tokenizer(nn.Module):
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``[B, h, w, K]`` -> quantized latents ``[B, out_dim, h, w]``."""
         return self.quantizer.indices_to_latents(indices)
+
+    @staticmethod
+    def preprocess(images: Any) -> torch.Tensor:
+        """PIL image(s) or uint8 tensor(s) -> float ``[B, 3, H, W]`` in [-1, 1].
+
+        Accepts one PIL image or a list of them (converted to RGB, all the same size), a uint8 tensor
+        ``[3, H, W]`` / ``[B, 3, H, W]`` with values 0..255, or a float tensor in [0, 1] of those shapes.
+        Resizing and cropping are the caller's choice (the tokenizer takes any multiple of its
+        downsampling factor)."""
+        from PIL import Image
+
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            from torchvision.transforms.functional import pil_to_tensor
+
+            images = torch.stack([pil_to_tensor(im.convert("RGB")) for im in images])
+        if not torch.is_tensor(images):
+            raise TypeError(f"preprocess takes PIL images or tensors, not {type(images).__name__}")
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W] or [3, H, W], got {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            return images.float() / 127.5 - 1
+        if images.is_floating_point():
+            return images.float() * 2 - 1
+        raise TypeError(f"expected uint8 (0..255) or float ([0, 1]) images, got {images.dtype}")
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> list of RGB PIL images (rounded like :meth:`to_uint8`)."""
+        from PIL import Image
+
+        pixels = Tokenizer.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p) for p in pixels]
 
     @staticmethod
     def to_uint8(images: torch.Tensor) -> torch.Tensor:

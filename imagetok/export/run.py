@@ -1,0 +1,39 @@
+"""``export(cfg)``: a Lightning training checkpoint -> a ``save_pretrained`` directory with a model
+card, and optionally ``torch.export`` programs of encode/decode."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from imagetok.errors import ConfigValueError, check
+from imagetok.export.model_card import model_card, run_metrics
+from imagetok.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def export(cfg: DictConfig) -> Path:
+    check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")
+    checkpoint = Path(cfg.checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigValueError("checkpoint", cfg.checkpoint, "the path of an existing Lightning .ckpt file")
+    tokenizer = Tokenizer.from_checkpoint(checkpoint, weights=cfg.weights)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    run_config = saved.get("hyper_parameters", {}).get("config", {}) or {}
+    steps = saved.get("global_step")
+    card = model_card(tokenizer, run_config, steps, run_metrics(checkpoint, cfg.evaluation), cfg.weights, str(checkpoint))
+    out = tokenizer.save_pretrained(cfg.out, extra={"training_steps": steps, "image_size": run_config.get("data", {}).get("image_size")},
+                                    card=card)
+    written = ["config.json", "model.safetensors", "README.md"]
+    if cfg.serving:
+        from imagetok.export.serving import save_programs
+
+        size = int(run_config.get("data", {}).get("image_size", 256))
+        example = torch.zeros(cfg.serving_batch_size, 3, size, size)
+        written += [p.name for p in save_programs(tokenizer, example, out)]
+    log.info("exported %s weights of %s to %s: %s", cfg.weights, checkpoint, out, ", ".join(written))
+    return out

@@ -16,7 +16,22 @@ from imagetok.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def export_converted(cfg: DictConfig) -> Path:
+    """``from=llamagen|taming``: another project's checkpoint -> a save_pretrained directory."""
+    from imagetok.export.convert import CONVERTERS, load_original_checkpoint
+
+    source = cfg["from"]
+    check(source in CONVERTERS, "from", source, f"null (an imagetok training checkpoint) or one of {sorted(CONVERTERS)}")
+    tokenizer = CONVERTERS[source](load_original_checkpoint(cfg.checkpoint))
+    card = model_card(tokenizer, {}, None, None, "as published", f"converted from the {source} checkpoint {cfg.checkpoint}")
+    out = tokenizer.save_pretrained(cfg.out, extra={"converted_from": source}, card=card)
+    log.info("converted %s checkpoint %s to %s", source, cfg.checkpoint, out)
+    return out
+
+
 def export(cfg: DictConfig) -> Path:
+    if cfg.get("from"):
+        return export_converted(cfg)
     check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")
     checkpoint = Path(cfg.checkpoint)
     if not checkpoint.is_file():

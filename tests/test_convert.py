@@ -1,0 +1,207 @@
+"""Converters: checkpoints in taming-transformers' and LlamaGen's own key layouts (random weights, small
+widths) convert into Tokenizers whose encode/decode equal an independent functional forward pass
+written here from the original projects' structure (bmm attention, their distance formula)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONFIGS
+from imagetok import Tokenizer
+from imagetok.export.convert import convert_llamagen, convert_taming
+from imagetok.export.run import export
+
+CH, CH_MULT, BLOCKS, Z, K, DIM = 32, [1, 2], 1, 32, 64, 8
+
+
+class StateBuilder:
+    """Random tensors under the original projects' parameter names."""
+
+    def __init__(self) -> None:
+        self.gen, self.state = torch.Generator().manual_seed(0), {}
+
+    def _rand(self, *shape, scale=0.2):
+        return torch.randn(*shape, generator=self.gen) * scale
+
+    def conv(self, name, cin, cout, k=3):
+        self.state[f"{name}.weight"] = self._rand(cout, cin, k, k, scale=(1 / (cin * k * k)) ** 0.5)
+        self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
+
+    def norm(self, name, c):
+        self.state[f"{name}.weight"], self.state[f"{name}.bias"] = 1 + self._rand(c, scale=0.1), self._rand(c, scale=0.1)
+
+    def res(self, p, cin, cout):
+        self.norm(f"{p}.norm1", cin), self.conv(f"{p}.conv1", cin, cout), self.norm(f"{p}.norm2", cout)
+        self.conv(f"{p}.conv2", cout, cout)
+        if cin != cout:
+            self.conv(f"{p}.nin_shortcut", cin, cout, 1)
+
+    def attn(self, p, c):
+        self.norm(f"{p}.norm", c)
+        for n in ("q", "k", "v", "proj_out"):
+            self.conv(f"{p}.{n}", c, c, 1)
+
+
+def taming_state(attn_levels=(1,)) -> dict:
+    b, n = StateBuilder(), len(CH_MULT)
+    b.conv("encoder.conv_in", 3, CH)
+    block_in = CH
+    for i, m in enumerate(CH_MULT):
+        for j in range(BLOCKS):
+            b.res(f"encoder.down.{i}.block.{j}", block_in, CH * m)
+            block_in = CH * m
+            if i in attn_levels:
+                b.attn(f"encoder.down.{i}.attn.{j}", block_in)
+        if i != n - 1:
+            b.conv(f"encoder.down.{i}.downsample.conv", block_in, block_in)
+    for pre in ("encoder", "decoder"):
+        b.res(f"{pre}.mid.block_1", block_in, block_in), b.attn(f"{pre}.mid.attn_1", block_in)
+        b.res(f"{pre}.mid.block_2", block_in, block_in)
+    b.norm("encoder.norm_out", block_in), b.conv("encoder.conv_out", block_in, Z)
+    b.conv("quant_conv", Z, DIM, 1), b.conv("post_quant_conv", DIM, Z, 1)
+    b.state["quantize.embedding.weight"] = b._rand(K, DIM, scale=1.0)
+    b.conv("decoder.conv_in", Z, block_in)
+    for i in reversed(range(n)):
+        for j in range(BLOCKS + 1):
+            b.res(f"decoder.up.{i}.block.{j}", block_in, CH * CH_MULT[i])
+            block_in = CH * CH_MULT[i]
+            if i in attn_levels:
+                b.attn(f"decoder.up.{i}.attn.{j}", block_in)
+        if i != 0:
+            b.conv(f"decoder.up.{i}.upsample.conv", block_in, block_in)
+    b.norm("decoder.norm_out", block_in), b.conv("decoder.conv_out", block_in, 3)
+    b.state["loss.discriminator.main.0.weight"] = b._rand(4, 3, 4, 4)  # ignored by the converter
+    return b.state
+
+
+def llamagen_state() -> dict:
+    b, n = StateBuilder(), len(CH_MULT)
+    b.conv("encoder.conv_in", 3, CH)
+    block_in = CH
+    for i, m in enumerate(CH_MULT):
+        for j in range(BLOCKS):
+            b.res(f"encoder.conv_blocks.{i}.res.{j}", block_in, CH * m)
+            block_in = CH * m
+            if i == n - 1:
+                b.attn(f"encoder.conv_blocks.{i}.attn.{j}", block_in)
+        if i != n - 1:
+            b.conv(f"encoder.conv_blocks.{i}.downsample.conv", block_in, block_in)
+    for pre in ("encoder", "decoder"):
+        b.res(f"{pre}.mid.0", block_in, block_in), b.attn(f"{pre}.mid.1", block_in), b.res(f"{pre}.mid.2", block_in, block_in)
+    b.norm("encoder.norm_out", block_in), b.conv("encoder.conv_out", block_in, Z)
+    b.conv("quant_conv", Z, DIM, 1), b.conv("post_quant_conv", DIM, Z, 1)
+    b.state["quantize.embedding.weight"] = F.normalize(b._rand(K, DIM, scale=1.0), dim=-1)
+    b.state["quantize.codebook_used"] = torch.zeros(65536)
+    b.conv("decoder.conv_in", Z, block_in)
+    for idx, i in enumerate(reversed(range(n))):  # LlamaGen: lowest resolution first
+        for j in range(BLOCKS + 1):
+            b.res(f"decoder.conv_blocks.{idx}.res.{j}", block_in, CH * CH_MULT[i])
+            block_in = CH * CH_MULT[i]
+            if i == n - 1:
+                b.attn(f"decoder.conv_blocks.{idx}.attn.{j}", block_in)
+        if i != 0:
+            b.conv(f"decoder.conv_blocks.{idx}.upsample.conv", block_in, block_in)
+    b.norm("decoder.norm_out", block_in), b.conv("decoder.conv_out", block_in, 3)
+    return b.state
+
+
+# --- the original forward passes, functionally -------------------------------------------------------
+def _conv(s, p, x, pad=1, stride=1):
+    return F.conv2d(x, s[f"{p}.weight"], s[f"{p}.bias"], stride=stride, padding=pad)
+
+
+def _norm(s, p, x):
+    return F.group_norm(x, 32, s[f"{p}.weight"], s[f"{p}.bias"], eps=1e-6)
+
+
+def _swish(x):
+    return x * torch.sigmoid(x)
+
+
+def _res(s, p, x):
+    h = _conv(s, f"{p}.conv1", _swish(_norm(s, f"{p}.norm1", x)))
+    h = _conv(s, f"{p}.conv2", _swish(_norm(s, f"{p}.norm2", h)))
+    return (_conv(s, f"{p}.nin_shortcut", x, pad=0) if f"{p}.nin_shortcut.weight" in s else x) + h
+
+
+def _attn(s, p, x):
+    h = _norm(s, f"{p}.norm", x)
+    q, k, v = (_conv(s, f"{p}.{n}", h, pad=0) for n in ("q", "k", "v"))
+    b, c, hh, ww = q.shape
+    w = torch.bmm(q.reshape(b, c, -1).permute(0, 2, 1), k.reshape(b, c, -1)) * c ** -0.5
+    out = torch.bmm(v.reshape(b, c, -1), F.softmax(w, dim=2).permute(0, 2, 1)).reshape(b, c, hh, ww)
+    return x + _conv(s, f"{p}.proj_out", out, pad=0)
+
+
+def _level(s, p, x, inner, blocks, resample):
+    for j in range(blocks):
+        x = _res(s, f"{p}.{inner}.{j}", x)
+        if f"{p}.attn.{j}.q.weight" in s:
+            x = _attn(s, f"{p}.attn.{j}", x)
+    if resample == "down" and f"{p}.downsample.conv.weight" in s:
+        x = _conv(s, f"{p}.downsample.conv", F.pad(x, (0, 1, 0, 1)), pad=0, stride=2)
+    if resample == "up" and f"{p}.upsample.conv.weight" in s:
+        x = _conv(s, f"{p}.upsample.conv", F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    return x
+
+
+def reference(s, x, layout):
+    """(indices [B, h, w], reconstruction) as the original project computes them."""
+    taming = layout == "taming"
+    mid = ("mid.block_1", "mid.attn_1", "mid.block_2") if taming else ("mid.0", "mid.1", "mid.2")
+    h = _conv(s, "encoder.conv_in", x)
+    for i in range(len(CH_MULT)):
+        h = _level(s, f"encoder.{'down' if taming else 'conv_blocks'}.{i}", h, "block" if taming else "res", BLOCKS, "down")
+    h = _attn(s, f"encoder.{mid[1]}", _res(s, f"encoder.{mid[0]}", h))
+    h = _conv(s, "encoder.conv_out", _swish(_norm(s, "encoder.norm_out", _res(s, f"encoder.{mid[2]}", h))))
+    z = _conv(s, "quant_conv", h, pad=0).permute(0, 2, 3, 1)
+    codes = s["quantize.embedding.weight"]
+    if not taming:
+        z, codes = F.normalize(z, dim=-1), F.normalize(codes, dim=-1)
+    flat = z.reshape(-1, z.shape[-1])
+    d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
+    idx = d.argmin(1)
+    h = _conv(s, "post_quant_conv", codes[idx].reshape(z.shape).permute(0, 3, 1, 2), pad=0)
+    h = _conv(s, "decoder.conv_in", h)
+    h = _res(s, f"decoder.{mid[2]}", _attn(s, f"decoder.{mid[1]}", _res(s, f"decoder.{mid[0]}", h)))
+    n = len(CH_MULT)
+    for step in range(n):  # lowest resolution first
+        p = f"decoder.up.{n - 1 - step}" if taming else f"decoder.conv_blocks.{step}"
+        h = _level(s, p, h, "block" if taming else "res", BLOCKS + 1, "up")
+    out = _conv(s, "decoder.conv_out", _swish(_norm(s, "decoder.norm_out", h)))
+    return idx.reshape(z.shape[:3]), out
+
+
+@pytest.mark.parametrize("layout", ["taming", "llamagen"])
+def test_converted_tokenizer_matches_the_original_forward(layout):
+    state = taming_state() if layout == "taming" else llamagen_state()
+    tok = (convert_taming({"state_dict": state}) if layout == "taming" else convert_llamagen({"model": state}))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        expected_idx, expected = reference(state, x, layout)
+        ids = tok.encode(x)
+        assert torch.equal(ids[..., 0], expected_idx)
+        recon = tok.decode(ids)
+    assert (recon - expected).abs().max() < 1e-4, float((recon - expected).abs().max())
+    assert tok.codebook_sizes == [K] and tok.downsample_factor == 2
+
+
+def test_export_cli_converts_and_refuses_unknown_sources(tmp_path):
+    torch.save({"model": llamagen_state()}, tmp_path / "vq_ds16_c2i.pt")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose("export", overrides=["from=llamagen", f"checkpoint={tmp_path / 'vq_ds16_c2i.pt'}", f"out={tmp_path / 'out'}"])
+        bad = compose("export", overrides=["from=maskgit", f"checkpoint={tmp_path / 'vq_ds16_c2i.pt'}", f"out={tmp_path / 'o'}"])
+    out = export(cfg)
+    tok = Tokenizer.from_pretrained(out)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(tok.encode(x)[..., 0], reference(llamagen_state(), x, "llamagen")[0])
+    assert "converted from the llamagen checkpoint" in (out / "README.md").read_text()
+    from imagetok.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match="from='maskgit'"):
+        export(bad)

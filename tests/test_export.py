@@ -154,3 +154,25 @@ def test_evaluate_reads_a_save_pretrained_directory(run_dir, tmp_path):
     from_ckpt = evaluate(_compose("evaluate", [f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", "eval.metrics=[psnr,tokens]",
                                                "eval.num_images=8"]), tmp_path / "b")
     assert from_dir["psnr"] == from_ckpt["psnr"] and from_dir["tokens"] == from_ckpt["tokens"]
+
+
+def test_push_to_hub_uploads_a_save_pretrained_folder(tokenizer, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = tokenizer.push_to_hub("me/tok", token="hf_x")
+    assert url.endswith("/commit/abc")
+    assert calls == [("token", "hf_x"), ("create", "me/tok", True, True), ("upload", "me/tok", ["config.json", "model.safetensors"])]

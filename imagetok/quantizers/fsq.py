@@ -1,0 +1,97 @@
+"""Finite scalar quantization (FSQ, Mentzer et al. 2023, https://arxiv.org/abs/2309.15505).
+
+No codebook is learned: each of ``d = len(levels)`` channels is squashed into a bounded interval and
+rounded to one of ``levels[i]`` values; the implicit codebook is the grid of all combinations, and the
+index of a position is the mixed-radix number of its per-channel digits (always ``< prod(levels)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from imagetok.errors import ConfigValueError, check
+from imagetok.quantizers import _utils as U
+from imagetok.quantizers.base import Quantizer, QuantizerOutput
+
+
+class FiniteScalarQuantizer(Quantizer):
+    """Bounded per-channel rounding with a straight-through gradient; ``indices[..., 1]``.
+
+    Args:
+        dim: channels of the incoming latents; when it differs from ``len(levels)`` a linear
+            projection maps ``dim -> len(levels)`` before rounding and back after.
+        levels: number of values per channel, each >= 2 (e.g. ``[8, 8, 8, 5, 5, 5]`` = 64,000 codes).
+        eps: keeps ``tanh`` away from the interval's ends so the top value stays reachable only inside.
+
+    ``z_q`` per channel lies in [-1, 1]: digit ``k`` of a level-``L`` channel maps to
+    ``(k - L // 2) / (L // 2)``.
+    """
+
+    def __init__(self, *, dim: int, levels: Sequence[int] = (8, 8, 8, 5, 5, 5), eps: float = 1e-3) -> None:
+        super().__init__()
+        levels = list(levels)
+        check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
+        check(len(levels) >= 1 and all(isinstance(v, int) and v >= 2 for v in levels), "levels", levels,
+              "a non-empty list of integers >= 2, e.g. [8, 8, 8, 5, 5, 5]")
+        size = 1
+        for v in levels:
+            size *= v
+        check(size < 2**62, "levels", levels, "a grid with fewer than 2**62 codes")
+        self.dim, self.levels, self.eps, self.size = dim, levels, eps, size
+        projected = dim != len(levels)
+        self.project_in = nn.Linear(dim, len(levels)) if projected else nn.Identity()
+        self.project_out = nn.Linear(len(levels), dim) if projected else nn.Identity()
+        basis = [1]
+        for v in levels[:-1]:
+            basis.append(basis[-1] * v)
+        # constants as buffers so they follow .to(device); not saved (they derive from `levels`)
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.size]
+
+    def _half_width(self) -> torch.Tensor:
+        return torch.div(self._levels, 2, rounding_mode="floor")  # L // 2 per channel
+
+    def _bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Squash ``x`` ``[T, d]`` so that rounding gives exactly ``L`` integer values per channel,
+        ``-(L // 2) .. L - 1 - L // 2`` (even ``L`` are shifted by half a step to stay symmetric)."""
+        half = (self._levels - 1) * (1 + self.eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(x + shift) * half - offset
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        tokens, restore = U.to_tokens(z)
+        with U.float32_math(z.device):
+            x = self.project_in(tokens.float())  # [T, d]
+            bounded = self._bound(x)
+            rounded = bounded.round()
+            # straight-through: the value is exactly `rounded`, the gradient is bounded's
+            q = rounded.detach() + (bounded - bounded.detach())
+            digits = (rounded + self._half_width()).long()  # [T, d], digit i in [0, levels[i])
+            idx = (digits * self._basis).sum(-1)
+            out = self.project_out(q / self._half_width())
+        counts = torch.bincount(idx, minlength=self.size) if self.size <= 2**24 else torch.unique(idx, return_counts=True)[1]
+        metrics = {"perplexity": U.perplexity(counts), "batch_usage": (counts > 0).float().sum() / self.size}
+        return QuantizerOutput(z_q=restore(out), indices=idx.reshape(*U.index_shape(z), 1),
+                               loss=z.new_zeros(()).float(), metrics=metrics)
+
+    def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        check(indices.shape[-1] == 1, "indices", tuple(indices.shape), "shape [B, *spatial, 1]")
+        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < self.size)).all()):
+            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
+                                   f"integers in [0, {self.size})")
+        with U.float32_math(indices.device):
+            flat = indices.reshape(-1, 1)
+            digits = torch.div(flat, self._basis, rounding_mode="floor") % self._levels.long()  # [T, d]
+            out = self.project_out((digits - self._half_width()) / self._half_width())
+        out = out.reshape(*indices.shape[:-1], self.dim)
+        if channels_last:
+            return out
+        return out.movedim(-1, 1)

@@ -13,6 +13,7 @@ from torch import nn
 from imagetok.errors import MissingWeightsError, check
 from imagetok.losses.discriminator import discriminator_loss, generator_adversarial_loss
 from imagetok.losses.perceptual import LPIPS
+from imagetok.losses.semantic import SemanticAlignmentLoss
 from imagetok.quantizers.base import QuantizerOutput
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,16 @@ class VQGANLoss(nn.Module):
         adaptive_disc_weight: scale it by ||grad nll|| / ||grad adv|| at the decoder's last layer (VQGAN).
         disc_start: generator step from which the discriminator is trained and used.
         quantizer_weight: weight of ``QuantizerOutput.loss``.
+        semantic: optional teacher-alignment loss on ``QuantizerOutput.features["semantic*"]``
+            (factorized and dual-codebook quantizers); its frozen teacher stays out of the module tree.
     """
 
     def __init__(self, *, discriminator: nn.Module, reconstruction: Literal["l1", "l2"] = "l1",
                  reconstruction_weight: float = 1.0, perceptual_weight: float | None = None,
                  perceptual_weights_path: str | None = None, perceptual_random_backbone: bool = False,
                  gan_loss: Literal["hinge", "non_saturating"] = "hinge", disc_weight: float = 0.5,
-                 adaptive_disc_weight: bool = True, disc_start: int = 0, quantizer_weight: float = 1.0) -> None:
+                 adaptive_disc_weight: bool = True, disc_start: int = 0, quantizer_weight: float = 1.0,
+                 semantic: SemanticAlignmentLoss | None = None) -> None:
         super().__init__()
         check(reconstruction in ("l1", "l2"), "reconstruction", reconstruction, "'l1' or 'l2'")
         check(gan_loss in ("hinge", "non_saturating"), "gan_loss", gan_loss, "'hinge' or 'non_saturating'")
@@ -55,6 +59,7 @@ class VQGANLoss(nn.Module):
             perceptual_weight, perceptual_weights_path, perceptual_random_backbone)
         # Kept outside the module tree: frozen, so it stays out of checkpoints, EMA and DDP.
         self._perceptual = [perceptual] if perceptual is not None else []
+        self._semantic = [semantic] if semantic is not None else []  # likewise for its teacher
 
     @staticmethod
     def _build_perceptual(weight: float | None, path: str | None, random_backbone: bool) -> tuple[float, LPIPS | None]:
@@ -92,6 +97,10 @@ class VQGANLoss(nn.Module):
             logs["perceptual"] = perceptual.detach()
         total = nll + self.quantizer_weight * quant.loss
         logs["quantizer"] = quant.loss.detach()
+        if self._semantic:  # outside nll: the adaptive adversarial weight balances pixels only
+            semantic, semantic_logs = self._semantic[0](images, quant.features)
+            total = total + semantic
+            logs.update(semantic=semantic.detach(), **semantic_logs)
         if self.discriminator_active(step):
             adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(recon).float())
             weight = torch.tensor(1.0, device=images.device)

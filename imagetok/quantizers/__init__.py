@@ -1,8 +1,10 @@
 """Quantizer families; every one returns :class:`QuantizerOutput` (see ``base.py``)."""
 
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
+from imagetok.quantizers.dual import DualCodebookQuantizer
+from imagetok.quantizers.factorized import FactorizedVectorQuantizer
 from imagetok.quantizers.fsq import FiniteScalarQuantizer
 from imagetok.quantizers.residual import ResidualVectorQuantizer
 from imagetok.quantizers.vq import VectorQuantizer
 
-__all__ = ["FiniteScalarQuantizer", "Quantizer", "QuantizerOutput", "ResidualVectorQuantizer", "VectorQuantizer"]
+__all__ = ["DualCodebookQuantizer", "FactorizedVectorQuantizer", "FiniteScalarQuantizer", "Quantizer", "QuantizerOutput", "ResidualVectorQuantizer", "VectorQuantizer"]

@@ -94,7 +94,8 @@ def llamagen_state() -> dict:
         b.res(f"{pre}.mid.0", block_in, block_in), b.attn(f"{pre}.mid.1", block_in), b.res(f"{pre}.mid.2", block_in, block_in)
     b.norm("encoder.norm_out", block_in), b.conv("encoder.conv_out", block_in, Z)
     b.conv("quant_conv", Z, DIM, 1), b.conv("post_quant_conv", DIM, Z, 1)
-    b.state["quantize.embedding.weight"] = F.normalize(b._rand(K, DIM, scale=1.0), dim=-1)
+    # stored unnormalised (LlamaGen normalises at lookup): the converted lookup must normalise too
+    b.state["quantize.embedding.weight"] = b._rand(K, DIM, scale=1.0) * torch.rand(K, 1, generator=b.gen) * 3
     b.state["quantize.codebook_used"] = torch.zeros(65536)
     b.conv("decoder.conv_in", Z, block_in)
     for idx, i in enumerate(reversed(range(n))):  # LlamaGen: lowest resolution first
@@ -150,7 +151,8 @@ def _level(s, p, x, inner, blocks, resample):
 
 
 def reference(s, x, layout):
-    """(indices [B, h, w], reconstruction) as the original project computes them."""
+    """(latents before quantization [B, h, w, C], indices [B, h, w], quantized latents [B, h, w, C],
+    reconstruction [B, 3, H, W]) as the original project computes them."""
     taming = layout == "taming"
     mid = ("mid.block_1", "mid.attn_1", "mid.block_2") if taming else ("mid.0", "mid.1", "mid.2")
     h = _conv(s, "encoder.conv_in", x)
@@ -158,14 +160,15 @@ def reference(s, x, layout):
         h = _level(s, f"encoder.{'down' if taming else 'conv_blocks'}.{i}", h, "block" if taming else "res", BLOCKS, "down")
     h = _attn(s, f"encoder.{mid[1]}", _res(s, f"encoder.{mid[0]}", h))
     h = _conv(s, "encoder.conv_out", _swish(_norm(s, "encoder.norm_out", _res(s, f"encoder.{mid[2]}", h))))
-    z = _conv(s, "quant_conv", h, pad=0).permute(0, 2, 3, 1)
+    z = latents = _conv(s, "quant_conv", h, pad=0).permute(0, 2, 3, 1)
     codes = s["quantize.embedding.weight"]
     if not taming:
         z, codes = F.normalize(z, dim=-1), F.normalize(codes, dim=-1)
     flat = z.reshape(-1, z.shape[-1])
     d = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
     idx = d.argmin(1)
-    h = _conv(s, "post_quant_conv", codes[idx].reshape(z.shape).permute(0, 3, 1, 2), pad=0)
+    z_q = codes[idx].reshape(z.shape)
+    h = _conv(s, "post_quant_conv", z_q.permute(0, 3, 1, 2), pad=0)
     h = _conv(s, "decoder.conv_in", h)
     h = _res(s, f"decoder.{mid[2]}", _attn(s, f"decoder.{mid[1]}", _res(s, f"decoder.{mid[0]}", h)))
     n = len(CH_MULT)
@@ -173,7 +176,7 @@ def reference(s, x, layout):
         p = f"decoder.up.{n - 1 - step}" if taming else f"decoder.conv_blocks.{step}"
         h = _level(s, p, h, "block" if taming else "res", BLOCKS + 1, "up")
     out = _conv(s, "decoder.conv_out", _swish(_norm(s, "decoder.norm_out", h)))
-    return idx.reshape(z.shape[:3]), out
+    return latents, idx.reshape(z.shape[:3]), z_q, out
 
 
 @pytest.mark.parametrize("layout", ["taming", "llamagen"])
@@ -182,10 +185,14 @@ def test_converted_tokenizer_matches_the_original_forward(layout):
     tok = (convert_taming({"state_dict": state}) if layout == "taming" else convert_llamagen({"model": state}))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        expected_idx, expected = reference(state, x, layout)
+        latents, expected_idx, expected_zq, expected = reference(state, x, layout)
         ids = tok.encode(x)
         assert torch.equal(ids[..., 0], expected_idx)
+        ours = tok.quant_conv(tok.encoder(x)).permute(0, 2, 3, 1)
+        assert (ours - latents).abs().max() < 1e-5, float((ours - latents).abs().max())
+        assert (tok.indices_to_latents(ids).permute(0, 2, 3, 1) - expected_zq).abs().max() < 1e-6
         recon = tok.decode(ids)
+        assert torch.equal(recon, tok(x)[0])  # decode(encode(x)) is the forward's reconstruction
     assert (recon - expected).abs().max() < 1e-4, float((recon - expected).abs().max())
     assert tok.codebook_sizes == [K] and tok.downsample_factor == 2
 
@@ -199,9 +206,42 @@ def test_export_cli_converts_and_refuses_unknown_sources(tmp_path):
     out = export(cfg)
     tok = Tokenizer.from_pretrained(out)
     x = torch.rand(1, 3, 16, 16) * 2 - 1
-    assert torch.equal(tok.encode(x)[..., 0], reference(llamagen_state(), x, "llamagen")[0])
+    assert torch.equal(tok.encode(x)[..., 0], reference(llamagen_state(), x, "llamagen")[1])
     assert "converted from the llamagen checkpoint" in (out / "README.md").read_text()
     from imagetok.errors import ConfigValueError
 
     with pytest.raises(ConfigValueError, match="from='maskgit'"):
         export(bad)
+
+
+class ModelCheckpoint:
+    """Stands in for the Lightning callback class that old taming checkpoints pickle as a dict key."""
+
+    def __init__(self) -> None:
+        self.best_model_score = 1.0
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_pickled_foreign_objects_are_never_built_and_code_is_refused(tmp_path, caplog):
+    import argparse
+
+    state = taming_state()
+    torch.save({"state_dict": state, "callbacks": {ModelCheckpoint: {"best": 1.0}}, "trainer": ModelCheckpoint(),
+                "hyper_parameters": argparse.Namespace(embed_dim=DIM)}, tmp_path / "last.ckpt")
+    from imagetok.export.convert import load_original_checkpoint
+
+    loaded = load_original_checkpoint(tmp_path / "last.ckpt")
+    assert not isinstance(loaded["trainer"], ModelCheckpoint)  # an inert placeholder, not the class
+    assert "argparse.Namespace" in caplog.text and "only its tensors are used" in caplog.text
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(convert_taming(loaded).encode(x)[..., 0], reference(state, x, "taming")[1])
+
+    torch.save({"state_dict": state, "payload": _RunsCode()}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="cannot be read safely"):
+        load_original_checkpoint(tmp_path / "evil.ckpt")

@@ -43,20 +43,27 @@ def tokenizer() -> Tokenizer:
 
 
 def test_round_trip_is_exact_and_downstream_api_works(tokenizer, tmp_path):
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    pil_images = [Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy())
+                  for _ in range(3)]
     tokenizer.save_pretrained(tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
-    # the downstream snippet of the README, with nothing but the package
-    tok = Tokenizer.from_pretrained(tmp_path / "tok")
-    assert not tok.training
+    # the downstream snippet of the README, line for line, with nothing but the package
+    tok = Tokenizer.from_pretrained(str(tmp_path / "tok"))
+    images = tok.preprocess(pil_images)
     ids = tok.encode(images)
-    assert ids.dtype == torch.long and tuple(ids.shape) == (3, *tok.token_shape(32))
     recon = tok.decode(ids)
+    pil_out, pixels = tok.to_pil(recon), tok.to_uint8(recon)
+    sizes, shape, latents = tok.codebook_sizes, tok.token_shape(256), tok.indices_to_latents(ids)
+
+    assert not tok.training and images.min() >= -1 and images.max() <= 1
+    assert ids.dtype == torch.long and tuple(ids.shape) == (3, *tok.token_shape(32))
     with torch.no_grad():
         expected, _ = tokenizer(images)
-    assert torch.equal(recon, expected) and torch.equal(tok(images)[0], expected)
-    assert tok.codebook_sizes == [1024] and tok.token_shape(256) == (64, 64, 1)
-    assert torch.equal(tok.indices_to_latents(ids), tokenizer.indices_to_latents(ids))
+    assert torch.equal(recon, expected) and torch.equal(tok(images)[0], expected)  # exact, not approximate
+    assert len(pil_out) == 3 and pil_out[0].size == (32, 32) and pixels.dtype == torch.uint8
+    assert sizes == [1024] and shape == (64, 64, 1)
+    assert torch.equal(latents, tokenizer.indices_to_latents(ids)) and latents.shape == (3, tok.quantizer.out_dim, 8, 8)
     config = json.loads((tmp_path / "tok" / "config.json").read_text())
     assert config["codebook_sizes"] == [1024] and config["tokenizer"]["quantizer"]["_target_"].startswith("imagetok.")
 
@@ -129,6 +136,8 @@ def test_export_cli_writes_card_and_serving_programs(run_dir, tmp_path):
     card = (out / "README.md").read_text()
     assert "8x8x1 tokens (64 per image)" in card and "generator steps: 8" in card and "codebook sizes [1024]" in card
     assert "val/psnr" in card  # the run's last validation
+    # trained offline: the logs show no perceptual term, so no third-party weights were used
+    assert card.split("## Licences of third-party weights used in training")[1].strip() == "- none"
     loaded, reference = Tokenizer.from_pretrained(out), Tokenizer.from_checkpoint(checkpoint)
     for (name, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
@@ -176,3 +185,59 @@ def test_push_to_hub_uploads_a_save_pretrained_folder(tokenizer, monkeypatch):
     url = tokenizer.push_to_hub("me/tok", token="hf_x")
     assert url.endswith("/commit/abc")
     assert calls == [("token", "hf_x"), ("create", "me/tok", True, True), ("upload", "me/tok", ["config.json", "model.safetensors"])]
+
+
+def test_model_card_quotes_an_evaluation_and_names_third_party_weights(tokenizer, tmp_path):
+    from imagetok.export.model_card import model_card, run_metrics
+
+    evaluation = tmp_path / "metrics.json"
+    evaluation.write_text(json.dumps({"num_images": 50000, "fid": 2.19, "psnr": 20.8, "tokens": [{"usage": 1.0}],
+                                      "protocol": {"evaluation_split": "imagefolder validation split, 50000 images"}}))
+    numbers = run_metrics(tmp_path / "run" / "checkpoints" / "last.ckpt", str(evaluation))
+    run_config = {"data": {"_target_": "imagetok.data.imagefolder.ImageFolderDataModule", "root": "/data/in1k",
+                           "image_size": 256, "batch_size": 32},
+                  "loss": {"perceptual_weight": 1.0, "semantic": {"teacher": {"arch": "vit_b_16"}}}}
+    card = model_card(tokenizer, run_config, 400_000, numbers, "ema", "last.ckpt", lpips_used=True)
+    assert "| fid | 2.19 |" in card and "| num_images | 50000 |" in card and "imagefolder validation split" in card
+    assert "64x64x1 tokens (4096 per image)" in card and "generator steps: 400000" in card and "/data/in1k" in card
+    assert "LPIPS" in card and "VGG16" in card and "ViT-B/16 ImageNet weights" in card
+    with pytest.raises(ConfigValueError, match="evaluation="):
+        run_metrics(tmp_path / "last.ckpt", str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("experiment", ["cpu_rq", "cpu_fsq", "cpu_fqgan", "cpu_dualtoken"])
+def test_every_quantizer_family_round_trips_through_save_pretrained(experiment, tmp_path):
+    """K sub-tokens per position (residual, factorized, dual) and out_dim != dim (factorized) included."""
+    torch.manual_seed(0)
+    original = Tokenizer.from_config(tokenizer_config(_compose("train", [f"experiment={experiment}"]))).eval()
+    tok = Tokenizer.from_pretrained(original.save_pretrained(tmp_path / "tok"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ids = tok.encode(images)
+    assert tuple(ids.shape) == (2, *tok.token_shape(32)) and tok.token_shape(32)[2] == len(tok.codebook_sizes)
+    with torch.no_grad():
+        assert torch.equal(tok.decode(ids), original(images)[0])
+    if experiment == "cpu_fqgan":  # serving programs take the multi-codebook indices as well
+        from imagetok.export.serving import export_programs
+
+        programs = export_programs(tok, images)
+        assert torch.equal(programs["encode"].module()(images), ids)
+        with torch.no_grad():
+            assert torch.equal(programs["decode"].module()(ids), tok.decode(ids))
+
+
+def test_training_checkpoints_load_weights_only_and_report_key_mismatches(tokenizer, tmp_path):
+    state = {f"ema.module.{k}": v for k, v in tokenizer.state_dict().items()}
+    state.update({f"tokenizer.{k}": v + 1 if v.is_floating_point() else v for k, v in tokenizer.state_dict().items()})
+    checkpoint = {"hyper_parameters": {"tokenizer_config": tokenizer.config}, "state_dict": state}
+    torch.save(checkpoint, tmp_path / "ok.ckpt")
+    assert torch.equal(Tokenizer.from_checkpoint(tmp_path / "ok.ckpt").encoder.conv_in.weight, tokenizer.encoder.conv_in.weight)
+    assert torch.equal(Tokenizer.from_checkpoint(tmp_path / "ok.ckpt", weights="raw").encoder.conv_in.weight,
+                       tokenizer.encoder.conv_in.weight + 1)
+    del state["ema.module.encoder.conv_in.bias"]
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"missing from the file \(1\):\n    encoder.conv_in.bias"):
+        Tokenizer.from_checkpoint(tmp_path / "bad.ckpt")
+    checkpoint["callback"] = os.system  # anything beyond tensors and containers is refused by weights_only
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        Tokenizer.from_checkpoint(tmp_path / "evil.ckpt")

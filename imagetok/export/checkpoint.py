@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from imagetok.export.pretrained import key_mismatch_report
 from imagetok.tokenizer import Tokenizer
 
 _PREFIX = {"ema": "ema.module.", "raw": "tokenizer."}
@@ -31,8 +32,8 @@ def load_tokenizer_from_checkpoint(path: str | Path, weights: Literal["ema", "ra
         raise ValueError(f"{path} has no EMA weights (trained with ema_decay=0); use weights='raw'")
     tokenizer = Tokenizer.from_config(config)
     own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    result = tokenizer.load_state_dict(own, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} does not match its tokenizer config:\n"
-                         f"  missing keys:    {result.missing_keys}\n  unexpected keys: {result.unexpected_keys}")
+    report = key_mismatch_report(tokenizer, own)
+    if report:
+        raise ValueError(f"the {weights} weights in {path} do not match its tokenizer config:\n{report}")
+    tokenizer.load_state_dict(own, strict=True)
     return tokenizer.eval()

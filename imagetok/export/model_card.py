@@ -7,13 +7,42 @@ import json
 from pathlib import Path
 from typing import Any
 
+from imagetok.errors import ConfigValueError
 from imagetok.tokenizer import Tokenizer
 
 LICENCES = {
     "lpips": "LPIPS linear calibration layers (lpips package, BSD-2-Clause) on torchvision's ImageNet VGG16 "
              "(BSD-3-Clause code; weights trained on ImageNet, whose terms restrict use to non-commercial research)",
     "inception": "FID Inception v3 weights ported from TensorFlow by torch-fidelity (Apache-2.0)",
+    "resnet50": "torchvision ResNet-50 ImageNet weights (BSD-3-Clause code; weights trained on ImageNet, whose "
+                "terms restrict use to non-commercial research)",
+    "vit_b_16": "torchvision ViT-B/16 ImageNet weights (BSD-3-Clause code; weights trained on ImageNet, whose "
+                "terms restrict use to non-commercial research)",
 }
+
+
+def third_party_weights(run_config: dict[str, Any], lpips_used: bool | None) -> list[str]:
+    """Licence lines for the pretrained weights a run's losses used: LPIPS's VGG16 (``lpips_used``
+    from the run's logs; None = unknown, decided by the config) and torchvision semantic teachers."""
+    loss = run_config.get("loss") or {}
+    lines = []
+    if lpips_used or (lpips_used is None and loss and loss.get("perceptual_weight") != 0
+                      and not loss.get("perceptual_random_backbone")):
+        lines.append(f"- {LICENCES['lpips']} (perceptual loss"
+                     + (")" if lpips_used else ", if the weights were present during training)"))
+    teacher = ((loss.get("semantic") or {}).get("teacher") or {})
+    if teacher.get("arch") in LICENCES:
+        lines.append(f"- {LICENCES[teacher['arch']]} (frozen teacher of the semantic alignment loss)")
+    return lines
+
+
+def lpips_used_in_run(checkpoint: Path) -> bool | None:
+    """Whether the run logged a perceptual term (``<run>/logs/metrics.csv`` header), None without logs."""
+    log = checkpoint.parent.parent / "logs" / "metrics.csv"
+    if not log.is_file():
+        return None
+    with open(log) as handle:
+        return "train/perceptual" in handle.readline().split(",")
 
 
 def _count(module) -> float:
@@ -21,7 +50,7 @@ def _count(module) -> float:
 
 
 def model_card(tokenizer: Tokenizer, run_config: dict[str, Any], steps: int | None,
-               metrics: dict[str, Any] | None, weights: str, source: str) -> str:
+               metrics: dict[str, Any] | None, weights: str, source: str, lpips_used: bool | None = None) -> str:
     """Markdown text; ``run_config`` is the training run's resolved config (may be empty)."""
     data = run_config.get("data", {})
     size = int(data.get("image_size", 256))
@@ -52,10 +81,9 @@ def model_card(tokenizer: Tokenizer, run_config: dict[str, Any], steps: int | No
         lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
         lines.append("")
-    loss = run_config.get("loss", {})
-    used = ["lpips"] if loss and loss.get("perceptual_weight") != 0 else []
     lines += ["## Licences of third-party weights used in training", ""]
-    lines += [f"- {LICENCES[u]} (perceptual loss, when the weights were present)" for u in used] or ["- none"]
+    lines += third_party_weights(run_config, lpips_used) or ["- none known (the source project's own licence applies)"
+                                                              if not run_config else "- none"]
     return "\n".join(lines) + "\n"
 
 
@@ -63,8 +91,15 @@ def run_metrics(checkpoint: Path, evaluation: str | None) -> dict[str, Any] | No
     """Numbers for the card: an evaluate.py ``metrics.json`` when given, else the training run's last
     validation (``<run>/metrics.json`` next to ``checkpoints/``)."""
     if evaluation:
+        if not Path(evaluation).is_file():
+            raise ConfigValueError("evaluation", evaluation, "the metrics.json that evaluate.py wrote, or null")
         data = json.loads(Path(evaluation).read_text())
-        return {k: data[k] for k in ("fid", "psnr", "ssim", "lpips", "codebook_usage", "num_images") if k in data}
+        numbers = {k: data[k] for k in ("fid", "psnr", "ssim", "lpips", "codebook_usage", "num_images") if k in data}
+        protocol = data.get("protocol") or {}
+        for key in ("evaluation_split", "fid_reference", "weights"):
+            if protocol.get(key):
+                numbers[f"protocol: {key}"] = protocol[key]
+        return numbers
     summary = checkpoint.parent.parent / "metrics.json"
     if summary.is_file():
         last = json.loads(summary.read_text()).get("last_validation")

@@ -73,9 +73,10 @@ def _resolve_files(name_or_path: str | Path, revision: str | None) -> tuple[Path
             Path(hf_hub_download(str(name_or_path), WEIGHTS_NAME, revision=revision)))
 
 
-def key_mismatch_report(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """A readable diff of ``state`` against ``model.state_dict()``, or None when they match."""
-    own = model.state_dict()
+def key_mismatch_report(model: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """A readable diff of ``state`` (a file's tensors) against ``model.state_dict()`` (or a state dict),
+    or None when every name and shape matches."""
+    own = model.state_dict() if isinstance(model, torch.nn.Module) else model
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

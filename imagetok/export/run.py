@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from imagetok.errors import ConfigValueError, check
-from imagetok.export.model_card import model_card, run_metrics
+from imagetok.export.model_card import lpips_used_in_run, model_card, run_metrics
 from imagetok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ def export(cfg: DictConfig) -> Path:
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     run_config = saved.get("hyper_parameters", {}).get("config", {}) or {}
     steps = saved.get("global_step")
-    card = model_card(tokenizer, run_config, steps, run_metrics(checkpoint, cfg.evaluation), cfg.weights, str(checkpoint))
+    card = model_card(tokenizer, run_config, steps, run_metrics(checkpoint, cfg.evaluation), cfg.weights, str(checkpoint),
+                      lpips_used=lpips_used_in_run(checkpoint))
     out = tokenizer.save_pretrained(cfg.out, extra={"training_steps": steps, "image_size": run_config.get("data", {}).get("image_size")},
                                     card=card)
     written = ["config.json", "model.safetensors", "README.md"]

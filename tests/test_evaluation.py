@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -268,3 +269,15 @@ def test_evaluation_on_two_processes_counts_each_image_once(checkpoint, tmp_path
     assert double["tokens"] == single["tokens"]
     for key in ("psnr", "ssim", "fid"):
         assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-9), key
+
+
+def test_inception_weights_file_is_loaded_with_weights_only(tmp_path):
+    """A local weights file gives exactly the network it holds; it is read with weights_only=True."""
+    reference = InceptionFeatures("64", random_weights=True)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in reference.net.state_dict().items()}
+    torch.save(state, tmp_path / "inception.pth")
+    loaded = InceptionFeatures("64", weights_path=str(tmp_path / "inception.pth"))
+    assert all(torch.equal(a, state[k]) for k, a in loaded.net.state_dict().items())
+    torch.save({"x": os.system}, tmp_path / "evil.pth")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        InceptionFeatures("64", weights_path=str(tmp_path / "evil.pth"))

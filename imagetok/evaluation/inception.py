@@ -61,14 +61,18 @@ class InceptionFeatures(nn.Module):
         if feature_layer not in FEATURE_LAYERS:
             raise ValueError(f"eval.feature_layer={feature_layer!r} is invalid: allowed values are {FEATURE_LAYERS}")
         self.feature_layer, self.dim = feature_layer, int(feature_layer)
+        self.net = _unloaded_inception(FeatureExtractorInceptionV3, feature_layer)
         if random_weights:
             self.weights_identity = "random (tests only; not FID)"
-            self.net = _random_inception(FeatureExtractorInceptionV3, feature_layer)
         else:
-            resolved = resolve_inception_weights(weights_path)
+            path = resolve_inception_weights(weights_path)
+            if path is None:  # online, nothing cached: fetch into the cache, checked against the hash in the name
+                path = str(inception_cache_path())
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(INCEPTION_URL, path, hash_prefix=INCEPTION_FILE.rsplit("-", 1)[1][:8])
+            # loaded here with weights_only (torch-fidelity itself would unpickle the file unrestricted)
+            self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             self.weights_identity = f"pt_inception-2015-12-05 ({INCEPTION_FILE})"
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", [feature_layer],
-                                                   feature_extractor_weights_path=resolved)
         self.requires_grad_(False)
         self.eval()
 
@@ -81,10 +85,10 @@ class InceptionFeatures(nn.Module):
             return self.net(images_uint8)[0]
 
 
-def _random_inception(cls: type, feature_layer: str) -> nn.Module:
-    """torch-fidelity's extractor always loads weights in its constructor; for tests we keep the
-    default (random) initialisation by making that load a no-op. Seeded, so that training's validation
-    FID and evaluate.py build the same random network."""
+def _unloaded_inception(cls: type, feature_layer: str) -> nn.Module:
+    """torch-fidelity's extractor, built with its constructor's weight loading made a no-op: weights are
+    then loaded by us with ``weights_only=True``, or kept at their (seeded) random initialisation for
+    tests, so training's validation FID and evaluate.py build the same random network."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=[]))
         torch.manual_seed(0)

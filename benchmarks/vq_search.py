@@ -5,17 +5,16 @@ one JSON line per case.
 
     python benchmarks/vq_search.py [--tokens 2048] [--dim 8] [--repeats 5]
 
-Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) belongs to that case alone.
+Each case runs in a fresh subprocess so that peak RSS (ru_maxrss) belongs to that case alone; time
+is the median of ``repeats`` searches.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
-import time
+
+from _measure import median_ms, peak_rss_mb, run_in_subprocess
 
 
 def run_case(method: str, tokens: int, codebook: int, dim: int, repeats: int) -> dict:
@@ -32,15 +31,12 @@ def run_case(method: str, tokens: int, codebook: int, dim: int, repeats: int) ->
     search = searches[method]
     search(torch.randn(4, dim), torch.randn(8, dim))  # initialise kernels outside the measurement
     z, codes = torch.randn(tokens, dim), torch.randn(codebook, dim)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_mb()
     idx = search(z, codes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    for _ in range(repeats):
-        idx = search(z, codes)
-    seconds = (time.perf_counter() - start) / repeats
-    return {"method": method, "tokens": tokens, "codebook": codebook, "dim": dim, "ms": round(seconds * 1e3, 2),
-            "peak_extra_mb": round(max(0, peak - base) / 1024, 1), "checksum": int(idx.sum())}
+    peak = peak_rss_mb()
+    ms = median_ms(lambda: search(z, codes), repeats, warmup=0)
+    return {"method": method, "tokens": tokens, "codebook": codebook, "dim": dim, "ms": round(ms, 2),
+            "peak_extra_mb": round(max(0.0, peak - base), 1), "checksum": int(idx.sum())}
 
 
 def main() -> None:
@@ -57,10 +53,10 @@ def main() -> None:
     for dim, log2 in [(args.dim, 10), (args.dim, 14), (args.dim, 16), (args.dim, 18), (256, 14)]:
         rows = {}
         for method in ("imagetok_blocked", "full_cdist", "full_expanded"):
-            out = subprocess.run([sys.executable, __file__, "--case", method, str(2**log2), "--tokens", str(args.tokens),
-                                  "--dim", str(dim), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
-            rows[method] = json.loads(out.stdout)
+            rows[method] = run_in_subprocess(__file__, ["--case", method, str(2**log2), "--tokens", str(args.tokens),
+                                                        "--dim", str(dim), "--repeats", str(args.repeats)])
+            if "error" in rows[method]:
+                raise SystemExit(f"{method} at codebook 2^{log2}: {rows[method]['error']}")
         ours = rows.pop("imagetok_blocked")
         line = {k: ours[k] for k in ("tokens", "codebook", "dim", "ms", "peak_extra_mb")}
         for name, other in rows.items():

@@ -92,11 +92,12 @@ class Tokenizer(nn.Module):
     def downsample_factor(self) -> int:
         return self.encoder.downsample_factor
 
-    def token_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
-        """``(h, w, K)``: the index grid that :meth:`encode` returns for one image of this size."""
+    def token_shape(self, image_size: int | tuple[int, int]) -> tuple[int, ...]:
+        """Shape of what :meth:`encode` returns for one image of this size (without the batch); the last
+        entry is K. ``(h, w, K)`` for grid quantizers, ``(sum s_k^2, 1)`` for the multi-scale one."""
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         f = self.downsample_factor
-        return height // f, width // f, len(self.codebook_sizes)
+        return tuple(self.quantizer.index_shape_for((height // f, width // f)))
 
     def quantize(self, images: torch.Tensor) -> QuantizerOutput:
         """Images ``[B, 3, H, W]`` in [-1, 1] -> quantizer output on the latent grid."""
@@ -113,16 +114,17 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [-1, 1] -> LongTensor indices ``[B, h, w, K]``."""
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> LongTensor indices ``[B, *token_shape]`` (``[B, h, w, K]``
+        for grid quantizers, ``[B, sum s_k^2, 1]`` for the multi-scale one)."""
         return self.quantize(images).indices
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, h, w, K]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
+        """Indices ``[B, *token_shape]`` (as :meth:`encode` returns) -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
         return self.decode_latents(self.quantizer.indices_to_latents(indices))
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, h, w, K]`` -> quantized latents ``[B, out_dim, h, w]``."""
+        """Indices ``[B, *token_shape]`` -> quantized latents ``[B, out_dim, h, w]``."""
         return self.quantizer.indices_to_latents(indices)
 
     @staticmethod

@@ -4,6 +4,7 @@ on and for how long, its numbers, and the licences of third-party weights used t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def model_card(tokenizer: Tokenizer, run_config: dict[str, Any], steps: int | No
     """Markdown text; ``run_config`` is the training run's resolved config (may be empty)."""
     data = run_config.get("data", {})
     size = int(data.get("image_size", 256))
-    h, w, k = tokenizer.token_shape(size)
+    token_shape = tokenizer.token_shape(size)  # (h, w, K), or (L, 1) for multi-scale tokens
     target = lambda part: tokenizer.config[part]["_target_"].rsplit(".", 1)[-1] if tokenizer.config else "?"  # noqa: E731
     lines = [
         "---", "library_name: imagetok", "tags: [image-tokenizer, vector-quantization]", "---", "",
@@ -68,7 +69,7 @@ def model_card(tokenizer: Tokenizer, run_config: dict[str, Any], steps: int | No
         f"| quantizer | {target('quantizer')}, codebook sizes {tokenizer.codebook_sizes} |",
         f"| decoder | {target('decoder')}, {_count(tokenizer.decoder):.2f}M parameters |",
         f"| total | {_count(tokenizer):.2f}M parameters |",
-        f"| downsampling | {tokenizer.downsample_factor}x: a {size}x{size} image -> {h}x{w}x{k} tokens ({h * w * k} per image) |",
+        f"| downsampling | {tokenizer.downsample_factor}x: a {size}x{size} image -> {'x'.join(map(str, token_shape))} tokens ({math.prod(token_shape)} per image) |",
         "| image values | float [-1, 1], `[B, 3, H, W]` (`tok.preprocess` converts PIL / uint8) |", "",
         "## Training", "",
         f"- data: `{data.get('_target_', 'unknown')}`"

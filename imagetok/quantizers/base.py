@@ -58,6 +58,13 @@ class Quantizer(nn.Module, ABC):
     def codebook_sizes(self) -> list[int]:
         """One vocabulary size per sub-token (length K)."""
 
+    def index_shape_for(self, latent_hw: tuple[int, int]) -> tuple[int, ...]:
+        """Shape of one image's ``indices`` (without the batch) for latents of spatial size ``latent_hw``;
+        the last entry is K. Grid quantizers give ``(h, w, K)``; a family whose tokens are not one grid
+        (multi-scale: ``(sum s_k^2, 1)``) overrides this, and raises ``ConfigValueError`` for a size it
+        cannot quantize."""
+        return (*latent_hw, len(self.codebook_sizes))
+
     @abstractmethod
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize ``z`` ``[B, C, *spatial]`` or ``[B, N, C]`` (float, any range)."""

@@ -1,0 +1,213 @@
+"""Quantizer families, forward + backward, imagetok against vector-quantize-pytorch (vqp) side by side:
+median time and peak extra memory at 256 tokens x batch 8 (input ``[8, C, 16, 16]``), one JSON line
+per case, with ``speed_ratio = vqp_ms / imagetok_ms`` (> 1: imagetok faster) and
+``memory_ratio = imagetok_peak_mb / vqp_peak_mb`` (< 1: imagetok smaller).
+
+    python benchmarks/quantizers.py [--families vq,rq,fsq,lfq,bsq] [--sizes 10,14,16,18,128]
+                                    [--repeats 5] [--threads 2] [--cap-gib 6] [--markdown]
+
+Each side of each case runs in its own subprocess (so the peak resident set belongs to that case
+alone), training mode, loss ``z_q.sum() + aux_loss``, ``torch`` threads fixed. A subprocess may map at
+most ``--cap-gib`` GiB more than after its imports: a case that needs more is reported as failing
+(with the allocator's message) instead of exhausting a shared machine. The vqp columns are left out
+when vector-quantize-pytorch is not installed (``pip install -e ".[benchmark]"``); families whose
+imagetok module is not present are skipped with a note.
+
+Settings are equal on both sides: same dim and codebook size, EMA codebook (decay 0.99), commitment
+weight 0.25, no k-means; FSQ without projections; LFQ/BSQ with commitment 0.25 and the entropy loss
+(weight 0.1) on, as each library computes it (vqp over the full codebook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+
+from _measure import cap_address_space, median_ms, peak_rss_mb, run_in_subprocess
+
+BATCH, SIDE = 8, 16  # 256 tokens x batch 8
+FSQ_LEVELS = {10: [8, 5, 5, 5], 14: [8, 8, 8, 6, 5], 16: [8, 8, 8, 5, 5, 5], 18: [8, 8, 8, 8, 8, 8]}
+# family -> (sizes as log2 of the codebook, latent channels for a size)
+FAMILIES = {
+    "vq": ([10, 14, 16, 18], lambda log2: 8),  # LlamaGen-style low-dimensional lookup
+    "vq256": ([14], lambda log2: 256),  # taming-style wide codes
+    "rq": ([10, 14, 16, 18], lambda log2: 8),  # depth 4
+    "fsq": ([10, 14, 16, 18], lambda log2: len(FSQ_LEVELS[log2])),
+    "lfq": ([10, 14, 16, 18, 128], lambda log2: log2),
+    "bsq": ([10, 14, 16, 18, 128], lambda log2: log2),
+}
+IMAGETOK_MODULES = {"vq": "vq", "vq256": "vq", "rq": "residual", "fsq": "fsq", "lfq": "lfq", "bsq": "bsq"}
+
+
+def build_imagetok(family: str, log2: int, dim: int):
+    """imagetok quantizer and a function ``z -> scalar loss`` for one case."""
+    if family in ("vq", "vq256"):
+        from imagetok.quantizers.vq import VectorQuantizer
+        module = VectorQuantizer(dim=dim, codebook_size=2**log2, codebook_update="ema", decay=0.99, beta=0.25)
+    elif family == "rq":
+        from imagetok.quantizers.residual import ResidualVectorQuantizer
+        module = ResidualVectorQuantizer(dim=dim, codebook_size=2**log2, depth=4, codebook_update="ema", decay=0.99,
+                                         beta=0.25)
+    elif family == "fsq":
+        from imagetok.quantizers.fsq import FiniteScalarQuantizer
+        module = FiniteScalarQuantizer(dim=dim, levels=FSQ_LEVELS[log2])
+    elif family == "lfq":
+        from imagetok.quantizers.lfq import LFQ
+        module = LFQ(dim=dim, **_binary_options(LFQ))
+    else:
+        from imagetok.quantizers.bsq import BSQ
+        module = BSQ(dim=dim, **_binary_options(BSQ))
+
+    def loss(z):
+        out = module(z)
+        return out.z_q.sum() + out.loss
+
+    return module, loss
+
+
+def _binary_options(cls) -> dict:
+    """Commitment 0.25 and entropy weight 0.1, under whichever of the usual names ``cls`` takes."""
+    import inspect
+
+    names = inspect.signature(cls).parameters
+    wanted = {("beta", "commitment_weight"): 0.25, ("entropy_weight", "entropy_loss_weight"): 0.1}
+    return {next(n for n in keys if n in names): value for keys, value in wanted.items()
+            if any(n in names for n in keys)}
+
+
+def build_vqp(family: str, log2: int, dim: int):
+    """vector-quantize-pytorch's module for the same case and a function ``z -> scalar loss``."""
+    import vector_quantize_pytorch as vqp
+
+    if family in ("vq", "vq256"):
+        module = vqp.VectorQuantize(dim=dim, codebook_size=2**log2, decay=0.99, commitment_weight=0.25,
+                                    accept_image_fmap=True)
+    elif family == "rq":
+        module = vqp.ResidualVQ(dim=dim, num_quantizers=4, codebook_size=2**log2, decay=0.99, commitment_weight=0.25,
+                                accept_image_fmap=True)
+    elif family == "fsq":
+        module = vqp.FSQ(levels=FSQ_LEVELS[log2], dim=dim, channel_first=True)
+    else:  # BSQ is vqp's LFQ with spherical=True
+        module = vqp.LFQ(dim=dim, codebook_size=2**log2, entropy_loss_weight=0.1, commitment_loss_weight=0.25,
+                         spherical=family == "bsq")
+
+    def loss(z):
+        out = module(z)
+        aux = out[2].sum() if len(out) > 2 else 0.0  # FSQ returns (quantized, indices) only
+        return out[0].sum() + aux
+
+    return module, loss
+
+
+def run_case(side: str, family: str, log2: int, repeats: int, threads: int, cap_gib: float) -> dict:
+    """One side of one case, in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    build = build_imagetok if side == "imagetok" else build_vqp
+    dim = FAMILIES[family][1](log2)
+
+    def step(loss_fn, z):
+        loss_fn(z).backward()
+
+    # run a tiny case of the same family first: kernels and thread pools are set up outside the measurement
+    tiny = 10 if family == "fsq" else 4
+    torch.manual_seed(0)
+    small, small_loss = build(family, tiny, FAMILIES[family][1](tiny))
+    step(small_loss, torch.randn(2, FAMILIES[family][1](tiny), 4, 4, requires_grad=True))
+    del small, small_loss
+    cap_address_space(cap_gib)
+    base = peak_rss_mb()
+    torch.manual_seed(0)
+    module, loss_fn = build(family, log2, dim)
+    module.train()
+    z = torch.randn(BATCH, dim, SIDE, SIDE, requires_grad=True)
+    ms = median_ms(lambda: step(loss_fn, z), repeats, warmup=1)
+    return {"ms": round(ms, 2), "peak_mb": round(max(0.0, peak_rss_mb() - base), 1)}
+
+
+def vqp_supports(family: str, log2: int) -> str | None:
+    """None when vqp can be tried on this case, else why not (decided without allocating)."""
+    if family in ("lfq", "bsq") and log2 > 62:
+        return (f"not supported: LFQ materialises all 2^{log2} codes (a [2^{log2}, {log2}] buffer) and the "
+                f"[tokens, 2^{log2}] entropy distances; torch.arange(2**{log2}) overflows int64")
+    return None
+
+
+def compare(family: str, log2: int, args: argparse.Namespace, with_vqp: bool) -> dict:
+    common = ["--repeats", str(args.repeats), "--threads", str(args.threads), "--cap-gib", str(args.cap_gib)]
+    line = {"family": family, "codebook": f"2^{log2}", "codes": _codes(family, log2),
+            "dim": FAMILIES[family][1](log2), "tokens": BATCH * SIDE * SIDE}
+    ours = run_in_subprocess(__file__, ["--case", "imagetok", family, str(log2), *common], args.timeout)
+    line["imagetok_ms"], line["imagetok_peak_mb"] = ours.get("ms"), ours.get("peak_mb")
+    if "error" in ours:
+        line["imagetok_error"] = ours["error"]
+    if not with_vqp:
+        return line
+    reason = vqp_supports(family, log2)
+    theirs = {"error": reason} if reason else run_in_subprocess(
+        __file__, ["--case", "vqp", family, str(log2), *common], args.timeout)
+    line["vqp_ms"], line["vqp_peak_mb"] = theirs.get("ms"), theirs.get("peak_mb")
+    if "error" in theirs:
+        line["vqp_error"] = theirs["error"]
+    elif "error" not in ours:
+        line["speed_ratio"] = round(theirs["ms"] / ours["ms"], 2)
+        line["memory_ratio"] = round(ours["peak_mb"] / max(theirs["peak_mb"], 0.1), 3)
+    return line
+
+
+def _codes(family: str, log2: int) -> int:
+    return math.prod(FSQ_LEVELS[log2]) if family == "fsq" else 2**log2
+
+
+def markdown(lines: list[dict]) -> str:
+    rows = ["| family | codebook | dim | imagetok ms | vqp ms | speed ratio | imagetok MB | vqp MB | memory ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in lines:
+        vqp_ms = r.get("vqp_ms") if "vqp_error" not in r else "fails"
+        rows.append(f"| {r['family']} | {r['codebook']} | {r['dim']} | {r.get('imagetok_ms', 'fails')} | "
+                    f"{vqp_ms if vqp_ms is not None else '-'} | {r.get('speed_ratio', '-')} | "
+                    f"{r.get('imagetok_peak_mb', '-')} | {r.get('vqp_peak_mb') or '-'} | {r.get('memory_ratio', '-')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, from: " + ", ".join(FAMILIES))
+    parser.add_argument("--sizes", default="10,14,16,18,128", help="log2 of the codebook sizes to run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward+backward passes (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every case")
+    parser.add_argument("--cap-gib", type=float, default=6.0, help="address space a case may add after imports")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case and side")
+    parser.add_argument("--markdown", action="store_true", help="also print a Markdown table at the end")
+    parser.add_argument("--case", nargs=3, metavar=("SIDE", "FAMILY", "LOG2"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        side, family, log2 = args.case[0], args.case[1], int(args.case[2])
+        print(json.dumps(run_case(side, family, log2, args.repeats, args.threads, args.cap_gib)))
+        return
+    families = args.families.split(",")
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"--families: unknown {unknown}; choose from {list(FAMILIES)}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with_vqp = importlib.util.find_spec("vector_quantize_pytorch") is not None
+    if not with_vqp:
+        print(json.dumps({"note": "vector-quantize-pytorch not installed: imagetok columns only"}), flush=True)
+    lines = []
+    for family in families:
+        if importlib.util.find_spec(f"imagetok.quantizers.{IMAGETOK_MODULES[family]}") is None:
+            print(json.dumps({"family": family, "note": f"skipped: imagetok.quantizers.{IMAGETOK_MODULES[family]} "
+                                                        "is not present"}), flush=True)
+            continue
+        for log2 in (s for s in FAMILIES[family][0] if s in sizes):
+            lines.append(compare(family, log2, args, with_vqp))
+            print(json.dumps(lines[-1]), flush=True)
+    if args.markdown:
+        print(markdown(lines))
+
+
+if __name__ == "__main__":
+    main()

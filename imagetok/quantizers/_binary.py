@@ -1,0 +1,209 @@
+"""Shared machinery of the binary, lookup-free quantizers (LFQ in ``lfq.py``, BSQ in ``bsq.py``).
+
+A binary quantizer maps each token to ``d`` bits. The implicit codebook has ``2^d`` codes, far too many
+to enumerate for ``d = 128``, so nothing here ever builds a ``2^d`` tensor:
+
+* **Indices.** The ``d`` bits are emitted as ``G = d / bits_per_token`` sub-tokens; sub-token ``k`` is
+  the little-endian number of bits ``k*b .. (k+1)*b - 1`` (bit ``j`` of the group is worth ``2^j``), so
+  every sub-token lies in ``[0, 2^b)`` and fits an integer tensor and a downstream vocabulary.
+* **Entropy.** Both papers' soft assignment of a token to the codes is a softmax over ``2^d`` codes
+  whose logits are a sum over dimensions, so it is a *product of independent per-bit Bernoullis* with
+  per-bit logits ``l_i``. Hence the per-sample entropy ``E_x[H(p(c|x))]`` is computed exactly as a sum
+  of binary entropies, for any ``d``. The codebook entropy ``H(E_x[p(c|x)])`` (entropy of the
+  batch-mean distribution) does not factorise; it is approximated by splitting the bits into groups of
+  ``entropy_group_bits`` and summing the exact entropies of each group's batch-mean distribution over
+  its ``2^g`` sub-codes. By subadditivity this sum is an **upper bound** of the joint codebook entropy,
+  equal to it when one group covers all bits (or when groups are independent). Memory is
+  ``T x (d/g) x 2^g`` floats for ``T`` tokens, independent of ``2^d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagetok.errors import ConfigValueError, check
+from imagetok.quantizers import _utils as U
+from imagetok.quantizers.base import Quantizer, QuantizerOutput
+
+MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare
+DENSE_COUNT_LIMIT = 2**20  # larger sub-codebooks are counted with torch.unique instead of bincount
+
+
+def bits_to_subtokens(bits: torch.Tensor, bits_per_token: int) -> torch.Tensor:
+    """Bits ``[..., d]`` (bool) -> LongTensor ``[..., d / bits_per_token]``, each in ``[0, 2^b)``."""
+    weights = 2 ** torch.arange(bits_per_token, device=bits.device, dtype=torch.long)
+    grouped = bits.reshape(*bits.shape[:-1], -1, bits_per_token).long()
+    return (grouped * weights).sum(-1)
+
+
+def subtokens_to_bits(indices: torch.Tensor, bits_per_token: int) -> torch.Tensor:
+    """Inverse of :func:`bits_to_subtokens`: LongTensor ``[..., G]`` -> bool ``[..., G * b]``."""
+    shifts = torch.arange(bits_per_token, device=indices.device, dtype=torch.long)
+    return ((indices.long().unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
+
+
+def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of Bernoulli(sigmoid(logits)), elementwise, stable for large ``|logits|``."""
+    p = torch.sigmoid(logits)
+    return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+
+
+def group_code_bits(group_bits: int) -> torch.Tensor:
+    """All ``2^g`` sub-codes of a group as float bits ``[2^g, g]`` (row ``c`` holds ``c``'s bits, LSB first)."""
+    return subtokens_to_bits(torch.arange(2**group_bits)[:, None], group_bits).float()
+
+
+def soft_entropies(logits: torch.Tensor, group_bits: int, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy terms of the factorised soft assignment given per-bit logits ``[T, d]`` (float32).
+
+    Returns ``(per_sample, codebook)`` in nats: ``per_sample`` is the exact mean over tokens of the
+    entropy of ``p(c|x)`` (sum of per-bit binary entropies); ``codebook`` ``[d / g]`` holds, per group
+    of ``g`` bits, the exact entropy of the batch-mean distribution over the group's ``2^g``
+    sub-codes. ``codebook.sum()`` upper-bounds the joint codebook entropy (see module docstring).
+    """
+    t, d = logits.shape
+    codes = group_code_bits(group_bits).to(logits) if codes is None else codes  # [2^g, g]
+    per_sample = binary_entropy(logits).sum(-1).mean()
+    # log p(c | x) within a group = sum_i c_i l_i - sum_i softplus(l_i): a softmax over the sub-codes
+    grouped = logits.reshape(t, d // group_bits, group_bits)  # [T, n, g]
+    probs = torch.softmax(grouped @ codes.t(), dim=-1)  # [T, n, 2^g]
+    mean_probs = probs.mean(0)  # [n, 2^g]
+    codebook = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum(-1)
+    return per_sample, codebook
+
+
+def count_statistics(indices: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    """Usage (distinct codes / size), perplexity and entropy (bits) of one sub-token's ``[T]`` indices."""
+    counts = (torch.bincount(indices, minlength=size) if size <= DENSE_COUNT_LIMIT
+              else torch.unique(indices, return_counts=True)[1])
+    probs = counts.float() / counts.sum().clamp_min(1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {"batch_usage": (counts > 0).float().sum() / size, "perplexity": entropy.exp(),
+            "entropy_bits": entropy / math.log(2)}
+
+
+class BinaryQuantizer(Quantizer):
+    """Base of LFQ and BSQ: ``d`` bits per token emitted as ``G`` sub-tokens, factorised entropy loss.
+
+    Subclasses implement :meth:`_binarize` (latents -> bits, straight-through values, per-bit logits)
+    and :meth:`_codes` (bits -> quantized values); everything else (indices, inverse, losses, metrics,
+    state) lives here. See the module docstring for the index layout and the entropy approximation.
+
+    Args:
+        dim: channels of the incoming latents; when it differs from ``bits`` linear projections map
+            ``dim -> bits`` before binarisation and ``bits -> dim`` after.
+        bits: number of binary dimensions ``d`` (implicit codebook of ``2^d`` codes).
+        bits_per_token: bits per emitted sub-token ``b`` (divides ``bits``, at most 62); null = ``bits``.
+        entropy_group_bits: bits per group of the codebook-entropy estimate ``g`` (divides ``bits``, at
+            most 16); memory of the estimate is ``T x (d/g) x 2^g``. Null = ``min(b, 12)`` if that
+            divides ``bits``, else 1.
+        entropy_weight: weight of the entropy loss ``H_sample - codebook_entropy_weight * H_codebook``.
+        codebook_entropy_weight: the papers' ``gamma``, weight of the codebook (diversity) term.
+        commitment_weight: weight of the commitment loss ``mean((v - sg(q))^2)``.
+        inv_temperature: scales the per-bit logits of the soft assignment.
+        bit_decay: decay of the moving average of per-bit frequencies (the ``bit_entropy_bits`` metric).
+
+    The entropy terms are computed only in a training forward or with gradients enabled: a no-grad
+    eval forward (``encode``, validation) returns the commitment term alone in ``loss``.
+    """
+
+    def __init__(self, *, dim: int, bits: int, bits_per_token: int | None, entropy_group_bits: int | None,
+                 entropy_weight: float, codebook_entropy_weight: float, commitment_weight: float,
+                 inv_temperature: float, bit_decay: float = 0.99) -> None:
+        super().__init__()
+        check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
+        check(isinstance(bits, int) and bits >= 1, "bits", bits, "a positive integer (e.g. 18, 128)")
+        bits_per_token = bits if bits_per_token is None else bits_per_token
+        check(isinstance(bits_per_token, int) and 1 <= bits_per_token <= MAX_TOKEN_BITS and bits % bits_per_token == 0,
+              "bits_per_token", bits_per_token, f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16)")
+        if entropy_group_bits is None:
+            entropy_group_bits = min(bits_per_token, 12) if bits % min(bits_per_token, 12) == 0 else 1
+        check(isinstance(entropy_group_bits, int) and 1 <= entropy_group_bits <= 16 and bits % entropy_group_bits == 0,
+              "entropy_group_bits", entropy_group_bits, f"a divisor of bits={bits} in [1, 16]")
+        for key, value in (("entropy_weight", entropy_weight), ("codebook_entropy_weight", codebook_entropy_weight),
+                           ("commitment_weight", commitment_weight)):
+            check(value >= 0, key, value, "a non-negative float")
+        check(inv_temperature > 0, "inv_temperature", inv_temperature, "a positive float")
+        check(0.0 < bit_decay < 1.0, "bit_decay", bit_decay, "a float in (0, 1)")
+        self.dim, self.bits, self.bits_per_token, self.entropy_group_bits = dim, bits, bits_per_token, entropy_group_bits
+        self.num_tokens = bits // bits_per_token
+        self.entropy_weight, self.codebook_entropy_weight = entropy_weight, codebook_entropy_weight
+        self.commitment_weight, self.inv_temperature, self.bit_decay = commitment_weight, inv_temperature, bit_decay
+        projected = dim != bits
+        self.project_in = nn.Linear(dim, bits) if projected else nn.Identity()
+        self.project_out = nn.Linear(bits, dim) if projected else nn.Identity()
+        self.register_buffer("_group_codes", group_code_bits(entropy_group_bits), persistent=False)
+        # moving average of P(bit = 1) over training steps: the one piece of state, summed over ranks
+        self.register_buffer("bit_mean", torch.full((bits,), 0.5))
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [2**self.bits_per_token] * self.num_tokens
+
+    def _binarize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected tokens ``[T, d]`` (float32) -> ``(bits, q_st, v, logits)``: bool bits ``[T, d]``,
+        straight-through quantized values ``[T, d]`` (value exactly ``_codes(bits)``), the continuous
+        values ``v`` the commitment loss pulls towards ``q``, and per-bit logits ``[T, d]`` of the soft
+        assignment ``log p(bit=1|x) - log p(bit=0|x)``."""
+        raise NotImplementedError
+
+    def _codes(self, bits: torch.Tensor) -> torch.Tensor:
+        """Bool bits ``[..., d]`` -> quantized values ``[..., d]`` (float32)."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        tokens, restore = U.to_tokens(z)  # [T, dim]
+        with U.float32_math(z.device):
+            x = self.project_in(tokens.float())  # [T, d]
+            bits, q_st, v, logits = self._binarize(x)
+            q = q_st.detach()
+            commitment = F.mse_loss(v, q)
+            loss = self.commitment_weight * commitment
+            metrics = {"commitment": commitment.detach()}
+            if self.training or torch.is_grad_enabled():
+                per_sample, codebook = soft_entropies(logits, self.entropy_group_bits, self._group_codes)
+                loss = loss + self.entropy_weight * (per_sample - self.codebook_entropy_weight * codebook.sum())
+                metrics["per_sample_entropy"] = per_sample.detach()
+                metrics["codebook_entropy"] = codebook.sum().detach()  # nats, upper bound when grouped
+            if self.training and torch.is_grad_enabled():
+                self._update_bit_mean(bits)
+            out = self.project_out(q_st)
+            idx = bits_to_subtokens(bits, self.bits_per_token)  # [T, G]
+        metrics.update(self._usage_metrics(idx))
+        return QuantizerOutput(z_q=restore(out), indices=idx.reshape(*U.index_shape(z), self.num_tokens),
+                               loss=loss, metrics=metrics)
+
+    def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        check(indices.shape[-1] == self.num_tokens, "indices", tuple(indices.shape),
+              f"shape [B, *spatial, {self.num_tokens}]")
+        size = 2**self.bits_per_token
+        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < size)).all()):
+            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
+                                   f"integers in [0, {size})")
+        with U.float32_math(indices.device):
+            bits = subtokens_to_bits(indices.reshape(-1, self.num_tokens), self.bits_per_token)  # [T, d]
+            out = self.project_out(self._codes(bits))  # [T, dim]
+        out = out.reshape(*indices.shape[:-1], self.dim)
+        return out if channels_last else out.movedim(-1, 1)
+
+    @torch.no_grad()
+    def _update_bit_mean(self, bits: torch.Tensor) -> None:
+        stats = U.all_reduce_sum(torch.cat([bits.float().sum(0), bits.new_full((1,), bits.shape[0], dtype=torch.float)]))
+        self.bit_mean.lerp_(stats[:-1] / stats[-1].clamp_min(1), 1 - self.bit_decay)
+
+    def _usage_metrics(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per sub-codebook batch usage, perplexity and entropy (``*_k`` keys when ``G > 1``), their
+        means, and ``bit_entropy_bits``: the summed entropy of the moving-average bit frequencies, an
+        upper bound (in bits, at most ``d``) of the code entropy over recent training steps."""
+        size = 2**self.bits_per_token
+        per_token = [count_statistics(idx[:, k], size) for k in range(self.num_tokens)]
+        metrics = {name: torch.stack([s[name] for s in per_token]).mean() for name in per_token[0]}
+        metrics["entropy_bits"] = metrics["entropy_bits"] * self.num_tokens  # sum over sub-tokens
+        if self.num_tokens > 1:
+            metrics.update({f"{name}_{k}": v for k, s in enumerate(per_token) for name, v in s.items()})
+        metrics["bit_entropy_bits"] = binary_entropy(torch.logit(self.bit_mean.clamp(1e-6, 1 - 1e-6))).sum() / math.log(2)
+        return metrics

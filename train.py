@@ -5,17 +5,27 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from imagetok.data.imagefolder import ImageLoadError
 from imagetok.errors import ConfigValueError, MissingWeightsError
+from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only
 from imagetok.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    log_file_on_rank_zero_only()
     try:
-        train(cfg, HydraConfig.get().runtime.output_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            check_sweep_job(cfg.trainer)
+            # resume=last in a sweep continues this job alone (a requeued SLURM job reruns in its own
+            # directory), never the newest checkpoint of some other run
+            if cfg.resume == "last":
+                cfg.resume_search_dir = hydra_cfg.runtime.output_dir
+        train(cfg, hydra_cfg.runtime.output_dir)
     except (ConfigValueError, MissingWeightsError, ImageLoadError) as err:
         logging.getLogger("imagetok").error("error: %s", err)
         sys.exit(2)

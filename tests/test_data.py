@@ -58,14 +58,14 @@ def test_training_crops_change_every_epoch_but_are_reproducible(tmp_path):
     loader = dm.train_dataloader()
 
     def epoch(number):
-        loader.sampler.set_epoch(number)
+        loader.batch_sampler.sampler.set_epoch(number)  # where Lightning's _set_sampler_epoch finds it
         return next(iter(loader))
 
     first, second = epoch(0), epoch(1)
     assert not torch.equal(first, second)  # new crops (and order) each epoch: real augmentation
     assert torch.equal(epoch(0), first) and torch.equal(epoch(1), second)  # a function of (seed, epoch)
     # every epoch still visits every file once: index modulo the file count
-    order = list(iter(loader.sampler))
+    order = list(iter(loader.batch_sampler.sampler))
     assert sorted(i % 3 for i in order) == [0, 1, 2]
 
 
@@ -73,7 +73,8 @@ def test_imagefolder_names_a_corrupt_file(tmp_path):
     _tree(tmp_path, n=1)
     bad = tmp_path / "train" / "class_a" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=1, num_workers=0)
+    # with no tolerance the first unreadable file stops the run, naming it
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=1, num_workers=0, max_corrupt_fraction=0.0)
     files = dm.train_dataset()
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         [files[i] for i in range(len(files))]

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Iterator
+from itertools import islice
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from imagetok.data.transforms import to_model_range
 from imagetok.errors import check
+
+log = logging.getLogger(__name__)
 
 
 class CropDataset(Dataset):
@@ -59,6 +64,56 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(order.tolist())
 
 
+class ResumableBatchSampler(BatchSampler):
+    """``BatchSampler`` that can leave out the first batches of its next pass: a resumed run continues
+    mid-epoch without loading the batches it already trained on. Skipping happens on index lists,
+    after any data-parallel split of ``sampler``, so each rank skips its own batches."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip_next = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip_next = self.skip_next, 0
+        return islice(super().__iter__(), skip, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A plain ``DataLoader`` whose ``state_dict`` is the number of batches of the current pass it has
+    handed out; Lightning saves it with every checkpoint (it saves any loader with ``state_dict``)
+    and loads it before the loader's first pass after a resume, which then starts where the
+    interrupted run stopped. Lightning's own loop state restores the epoch (``set_epoch``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the batch sampler's pass (and any skip) begins at the first batch requested.
+        self.batches_served = self.batch_sampler.skip_next if isinstance(self.batch_sampler, ResumableBatchSampler) else 0
+        for batch in super().__iter__():
+            self.batches_served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.batches_served, "batch_size": self._batch_size()}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if not isinstance(self.batch_sampler, ResumableBatchSampler):
+            raise TypeError(f"cannot resume mid-epoch: the batch sampler {type(self.batch_sampler).__name__} cannot skip batches")
+        served, batch_size = int(state_dict["batches_served"]), int(state_dict["batch_size"])
+        if batch_size != self._batch_size():  # a changed batch size: skip the same number of samples
+            served = served * batch_size // self._batch_size()
+            log.warning("resuming with batch size %d instead of %d: skipping %d batches of the current pass",
+                        self._batch_size(), batch_size, served)
+        # A finished pass is followed by a fresh one (Lightning moves on to the next epoch).
+        self.batch_sampler.skip_next = served if served < len(self.batch_sampler) else 0
+        self.batches_served = self.batch_sampler.skip_next
+
+    def _batch_size(self) -> int:
+        return int(getattr(self.batch_sampler, "batch_size", None) or self.batch_size or 1)
+
+
 class ImageDataModule(L.LightningDataModule):
     """Shared loader settings; subclasses provide :meth:`train_dataset` and :meth:`val_dataset`."""
 
@@ -76,13 +131,20 @@ class ImageDataModule(L.LightningDataModule):
     @abstractmethod
     def val_dataset(self) -> Dataset: ...
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        sampler = EpochShuffleSampler(dataset) if shuffle and isinstance(dataset, CropDataset) else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=self.num_workers, drop_last=shuffle, persistent_workers=self.num_workers > 0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+        dataset = self.train_dataset()
+        seed = dataset.seed if isinstance(dataset, CropDataset) else 0
+        sampler = EpochShuffleSampler(dataset) if isinstance(dataset, CropDataset) else \
+            RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        # Own generator: creating an iterator draws the worker base seed from it, not from the global
+        # stream the training step uses (which a resume restores; see training/rng_state.py).
+        return ResumableDataLoader(dataset, batch_sampler=ResumableBatchSampler(sampler, self.batch_size, drop_last=True),
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset(), self.val_batch_size, shuffle=False)
+        # Own generator as well: Lightning creates this iterator before on_validation_start, so a draw
+        # from the global stream there would escape RandomState's bracketing of validation.
+        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(0))

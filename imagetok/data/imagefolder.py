@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from imagetok.data.corrupt import CorruptSampleGuard, ImageLoadError
 from imagetok.data.datamodule import CropDataset, ImageDataModule
-from imagetok.data.transforms import center_square, random_resized_square
+from imagetok.data.transforms import make_crop
 from imagetok.errors import ConfigValueError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class ImageLoadError(RuntimeError):
-    """An image file is missing, truncated or not an image; the message names the file."""
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -32,16 +28,34 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 class ImageFiles:
-    """Lazily read image files, indexable like a list of uint8 ``[3, H, W]`` tensors."""
+    """Lazily read image files, indexable like a list of uint8 ``[3, H, W]`` tensors.
 
-    def __init__(self, files: Sequence[Path]) -> None:
-        self.files = list(files)
+    With a ``guard``, an unreadable file is skipped: counted, logged with its path, and replaced by the
+    next readable file in the list (deterministically, so a batch keeps its size); ``guard`` raises
+    once too many are bad. Without one, the first unreadable file raises :class:`ImageLoadError`.
+    """
+
+    def __init__(self, files: Sequence[Path], guard: CorruptSampleGuard | None = None) -> None:
+        self.files, self.guard = list(files), guard
+        self.bad: set[int] = set()  # known-bad indices in this process: warned about once
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return read_image(self.files[index])
+        if self.guard is None:
+            return read_image(self.files[index])
+        for offset in range(len(self.files)):
+            which = (index + offset) % len(self.files)
+            if which in self.bad:
+                continue
+            self.guard.saw()
+            try:
+                return read_image(self.files[which])
+            except ImageLoadError as err:
+                self.bad.add(which)
+                self.guard.skip(str(self.files[which]), err)
+        raise ImageLoadError(f"no readable image among the {len(self.files)} files, e.g. {self.files[0]}")
 
 
 def list_images(directory: Path) -> list[Path]:
@@ -53,31 +67,39 @@ class ImageFolderDataModule(ImageDataModule):
 
     Args:
         root: directory holding ``train/`` and ``val/`` subdirectories of images (any nesting).
-        scale: crop side as a fraction of the shorter image side for training crops.
+        crop: training crop, ``random_resized`` (``scale``: crop side as a fraction of the shorter image
+            side; ``flip``) or ``center``; the same crops as the webdataset datamodule.
+        max_corrupt_fraction / corrupt_min_seen: unreadable files are skipped until this fraction
+            (see :class:`~imagetok.data.corrupt.CorruptSampleGuard`).
     """
 
     def __init__(self, *, root: str, image_size: int = 256, batch_size: int = 8, num_workers: int = 4,
-                 val_batch_size: int | None = None, scale: Sequence[float] = (0.5, 1.0), seed: int = 0) -> None:
+                 val_batch_size: int | None = None, crop: str = "random_resized", scale: Sequence[float] = (0.5, 1.0),
+                 flip: bool = True, max_corrupt_fraction: float = 0.01, corrupt_min_seen: int = 100,
+                 seed: int = 0) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_batch_size=val_batch_size)
+        self.train_crop = make_crop(crop, image_size, scale, flip)
+        self.val_crop = make_crop("center", image_size)
+        CorruptSampleGuard(max_corrupt_fraction, corrupt_min_seen)  # checks both values now, before training
+        self.max_corrupt_fraction, self.corrupt_min_seen = max_corrupt_fraction, corrupt_min_seen
         self.root = Path(str(root)).expanduser()
         for split in ("train", "val"):
             if not (self.root / split).is_dir():
                 raise ConfigValueError("root", str(root), f"an existing directory containing '{split}/' with images "
                                        f"({self.root / split} does not exist)")
-        self.scale, self.seed = (float(scale[0]), float(scale[1])), seed
+        self.seed = seed
 
     def _files(self, split: str) -> ImageFiles:
         files = list_images(self.root / split)
         if not files:
             raise ConfigValueError("root", str(self.root), f"a tree whose '{split}/' holds images {IMAGE_EXTENSIONS}")
-        return ImageFiles(files)
+        return ImageFiles(files, CorruptSampleGuard(self.max_corrupt_fraction, self.corrupt_min_seen))
 
     def train_dataset(self) -> CropDataset:
         files = self._files("train")
-        crop = partial(random_resized_square, size=self.image_size, scale=self.scale, flip=True)
-        return CropDataset(files, len(files), crop, self.seed, cycle=True)
+        return CropDataset(files, len(files), self.train_crop, self.seed, cycle=True)
 
     def val_dataset(self) -> CropDataset:
         files = self._files("val")
-        return CropDataset(files, len(files), lambda image, generator: center_square(image, self.image_size), 0, cycle=True)
+        return CropDataset(files, len(files), self.val_crop, 0, cycle=True)

@@ -3,8 +3,15 @@ place where pixels become the model's float [-1, 1]."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from imagetok.errors import check
+
+CROPS = ("random_resized", "center")
 
 
 def to_model_range(image: torch.Tensor) -> torch.Tensor:
@@ -35,9 +42,22 @@ def random_resized_square(image: torch.Tensor, size: int, scale: tuple[float, fl
     return crop
 
 
-def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Largest centred square, resized to ``size`` (the usual evaluation crop). uint8 in/out."""
+def center_square(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Largest centred square, resized to ``size`` (the usual evaluation crop). uint8 in/out.
+    ``generator`` is accepted and unused, so that every crop is called the same way."""
     _, height, width = image.shape
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     return _resize(image[:, top : top + side, left : left + side], size)
+
+
+def make_crop(kind: str, size: int, scale: Sequence[float] = (0.5, 1.0), flip: bool = True,
+              key: str = "crop") -> Callable[..., torch.Tensor]:
+    """The crop named by a data config: ``crop(image, generator=...) -> uint8 [3, size, size]``, picklable
+    (DataLoader workers get a copy). ``random_resized``: :func:`random_resized_square` with ``scale``
+    and ``flip``; ``center``: :func:`center_square`. The ImageFolder and webdataset datamodules share it."""
+    check(kind in CROPS, key, kind, f"one of {list(CROPS)}")
+    check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "scale", list(scale), "[lo, hi] with 0 < lo <= hi <= 1")
+    if kind == "center":
+        return partial(center_square, size=size)
+    return partial(random_resized_square, size=size, scale=(float(scale[0]), float(scale[1])), flip=bool(flip))

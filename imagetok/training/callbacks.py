@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid, save_image
 
+from imagetok.training.loggers import log_image
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and rename, so a crash never leaves half a file."""
@@ -34,7 +36,8 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
 
 class ReconstructionImages(L.Callback):
     """After every validation, saves ``reconstructions/step_XXXXXX.png`` and ``reconstructions.png``
-    (the latest) under ``run_dir``: validation originals above the EMA model's reconstructions."""
+    (the latest) under ``run_dir``: validation originals above the EMA model's reconstructions. The
+    same grid goes to the loggers that take images (TensorBoard, W&B) as ``val/reconstructions``."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -48,6 +51,8 @@ class ReconstructionImages(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / f"step_{trainer.global_step:06d}.png")
         save_image(grid, self.run_dir / "reconstructions.png")
+        log_image(trainer.loggers, "val/reconstructions", grid, trainer.global_step,
+                  caption="top: validation images, bottom: reconstructions")
 
 
 class ValidationHistory(L.Callback):

@@ -32,6 +32,16 @@ def validate_config(cfg: DictConfig) -> None:
     check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a float in [0, 1]")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "two floats in [0, 1)")
     check(0 <= cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a float in [0, 1) (0 disables the EMA)")
+    nonfinite = o.get("nonfinite", "stop")
+    check(nonfinite in ("stop", "skip"), "optim.nonfinite", nonfinite, "'stop' or 'skip'")
+    skips = o.get("max_skipped_steps", 10)
+    check(isinstance(skips, int) and skips >= 0, "optim.max_skipped_steps", skips, "an integer >= 0")
+    rule = o.get("lr_scaling", "none")
+    check(rule in ("none", "linear", "sqrt"), "optim.lr_scaling", rule, "'none', 'linear' or 'sqrt'")
+    base = o.get("base_batch_size")
+    if rule != "none":
+        check(isinstance(base, int) and base >= 1, "optim.base_batch_size", base,
+              f"the global batch size (an integer >= 1) that optim.lr was set for, needed by optim.lr_scaling={rule}")
 
 
 def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str | None:

@@ -3,15 +3,23 @@
 One batch = one generator step (then one discriminator step once it has started). ``global_step``
 counts generator steps only: the discriminator is stepped through the strategy directly, which keeps
 precision plugins working but does not advance Lightning's step counter.
+
+A non-finite loss term (or, with ``optim.nonfinite=skip``, gradient norm) either stops the run
+(``stop``, the default) or drops that batch's update (``skip``): no optimiser, scheduler or EMA step
+and the quantizer's buffers put back, at most ``optim.max_skipped_steps`` times. All ranks take the
+same decision. A checkpoint is never written from non-finite weights.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
@@ -22,12 +30,15 @@ from imagetok.training.ema import EMA
 from imagetok.training.rank_sync import unsynced_state
 from imagetok.training.schedule import lr_lambda
 
+log = logging.getLogger(__name__)
+
 
 class TokenizerTrainingModule(L.LightningModule):
     """Args:
         tokenizer_config: JSON-able ``{"encoder", "quantizer", "decoder"}`` ``_target_`` dicts.
         loss: the generator/discriminator objective (owns the discriminator).
-        optim: ``lr, betas, weight_decay, disc_lr, warmup_steps, schedule, min_lr_ratio, grad_clip``.
+        optim: ``lr, betas, weight_decay, disc_lr, warmup_steps, schedule, min_lr_ratio, grad_clip``,
+            optionally ``nonfinite`` (``stop`` | ``skip``) and ``max_skipped_steps``.
         total_steps: generator steps of the run (end of the cosine schedule).
         ema_decay: decay of the weight EMA used for validation and export; 0 disables it.
         run_config: the resolved run config (primitives only), stored in checkpoints.
@@ -52,6 +63,7 @@ class TokenizerTrainingModule(L.LightningModule):
         # GeneratorDiscriminatorDDPStrategy; a plain dict keeps them out of state_dict and .to().
         self._parallel: dict[str, nn.Module] = {}
         self.state_differing_across_ranks: list[str] = []  # set after multi-process training: state that differs by rank
+        self.skipped_steps = 0  # batches dropped for a non-finite loss (optim.nonfinite=skip); in checkpoints
 
     def wrap_for_data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Give the tokenizer and the discriminator a data-parallel wrapper each (see training/strategy.py)."""
@@ -72,20 +84,37 @@ class TokenizerTrainingModule(L.LightningModule):
                                   betas=betas, weight_decay=o["weight_decay"])
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=o.get("disc_lr") or o["lr"],
                                   betas=betas, weight_decay=o["weight_decay"])
-        factor = lr_lambda(o["schedule"], o["warmup_steps"], self.total_steps, o["min_lr_ratio"])
-        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (opt_g, opt_d)]
-        return [opt_g, opt_d], scheds
+        # The discriminator's schedule counts its own steps, which begin at loss.disc_start.
+        disc_steps = max(1, self.total_steps - getattr(self.loss, "disc_start", 0))
+        sched_g = torch.optim.lr_scheduler.LambdaLR(
+            opt_g, lr_lambda(o["schedule"], o["warmup_steps"], self.total_steps, o["min_lr_ratio"]))
+        sched_d = torch.optim.lr_scheduler.LambdaLR(
+            opt_d, lr_lambda(o["schedule"], o["warmup_steps"], disc_steps, o["min_lr_ratio"]))
+        return [opt_g, opt_d], [sched_g, sched_d]
 
-    def _step(self, optimizer, loss: torch.Tensor, count_as_step: bool) -> None:
+    def _step(self, optimizer, loss: torch.Tensor, count_as_step: bool, name: str, step: int) -> bool:
+        """Backward and optimiser step; False (no step taken) when ``optim.nonfinite=skip`` and the
+        gradient norm is not finite."""
         with self.toggled_optimizer(optimizer):  # the other network's parameters get no gradient
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
+            if self._skipping:
+                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+                if self._nonfinite_terms({f"grad_norm/{name}": norm}, step):
+                    optimizer.zero_grad(set_to_none=True)
+                    return False
             if self.optim.get("grad_clip"):
                 self.clip_gradients(optimizer, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
             if count_as_step:
                 optimizer.step()
             else:
                 self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None)
+        return True
+
+    @property
+    def _skipping(self) -> bool:
+        return self.optim.get("nonfinite", "stop") == "skip"
 
     @staticmethod
     def _raise_if_not_finite(logs: dict[str, torch.Tensor], step: int) -> None:
@@ -94,31 +123,83 @@ class TokenizerTrainingModule(L.LightningModule):
             raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}; "
                                      "the last saved checkpoint is untouched")
 
+    def _nonfinite_terms(self, logs: dict[str, torch.Tensor], step: int) -> list[str]:
+        """Names of the non-finite values in ``logs`` (scalars), decided alike on every rank: one
+        all-reduce and one device sync per call. With ``optim.nonfinite=stop`` a bad term raises."""
+        values = torch.stack([torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in logs.values()])
+        all_finite = torch.isfinite(values).all().int()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)  # one rank's NaN must stop or skip every rank
+        if bool(all_finite):
+            return []
+        bad = [k for k, v in zip(logs, values.tolist()) if not math.isfinite(v)] or ["(on another rank)"]
+        if not self._skipping:
+            self._raise_if_not_finite(logs, step)
+            raise FloatingPointError(f"non-finite loss term(s) on another rank at generator step {step}; "
+                                     "the last saved checkpoint is untouched")
+        return bad
+
+    def _skip(self, bad: list[str], step: int, what: str, buffers: dict[str, torch.Tensor] | None) -> None:
+        """Count a dropped update, put the quantizer's buffers back, and give up past the limit."""
+        self.skipped_steps += 1
+        if buffers is not None:
+            with torch.no_grad():
+                for name, buffer in self.tokenizer.named_buffers():
+                    buffer.copy_(buffers[name])
+        limit = self.optim.get("max_skipped_steps", 10)
+        if self.skipped_steps > limit:
+            raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}: {self.skipped_steps} "
+                                     f"updates skipped, more than optim.max_skipped_steps={limit}; "
+                                     "the last saved checkpoint is untouched")
+        if rank_zero_only.rank == 0:
+            log.warning("non-finite %s at generator step %d: %s skipped (%d of at most %d)",
+                        ", ".join(bad), step, what, self.skipped_steps, limit)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         images = batch  # [B, 3, H, W] in [-1, 1]
         step = self.global_step  # generator steps done so far
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
+        # The forward pass updates codebook statistics; a skipped update must not keep them.
+        buffers = {k: b.clone() for k, b in self.tokenizer.named_buffers()} if self._skipping else None
 
         recon, quant = self._parallel.get("tokenizer", self.tokenizer)(images)
         g_loss, logs = self.loss.generator_loss(images, recon, quant, step, self.tokenizer.decoder.last_layer)
-        self._raise_if_not_finite(logs, step)
-        logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])  # the rate this step uses
-        self._step(opt_g, g_loss, count_as_step=True)
+        bad = self._nonfinite_terms(logs, step)
+        if bad or not self._step(opt_g, g_loss, count_as_step=True, name="generator", step=step):
+            self._skip(bad or ["grad_norm/generator"], step, "generator and discriminator updates", buffers)
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return
+        logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])  # the rate this step used
         sched_g.step()
         if self.ema is not None:
             self.ema.update(self.tokenizer)
 
         if self.loss.discriminator_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"))
-            self._raise_if_not_finite(d_logs, step)
-            self._step(opt_d, d_loss, count_as_step=False)
-            logs.update(d_logs)
-        sched_d.step()
+            bad = self._nonfinite_terms(d_logs, step)
+            if not bad and self._step(opt_d, d_loss, count_as_step=False, name="discriminator", step=step):
+                logs["disc_lr"] = torch.tensor(sched_d.get_last_lr()[0])
+                sched_d.step()
+                logs.update(d_logs)
+            else:
+                self._skip(bad or ["grad_norm/discriminator"], step, "discriminator update", None)
 
         logs.update({f"quantizer/{k}": v for k, v in quant.metrics.items()})
+        logs["skipped_steps"] = torch.tensor(float(self.skipped_steps))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False)
         self.log("loss", logs["total"], prog_bar=True, logger=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = {k: v for k, v in checkpoint["state_dict"].items() if v.is_floating_point()}
+        if state and not bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
+            bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+            raise FloatingPointError(f"non-finite weights {bad[:5]} at generator step {self.global_step}: checkpoint "
+                                     "not written, the last saved checkpoint is untouched")
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         recon, quant = self.eval_tokenizer(batch)

@@ -14,7 +14,6 @@ import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,7 +22,10 @@ from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
                                          write_json_atomic)
 from imagetok.training.checks import resolve_resume, validate_config
+from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
+from imagetok.training.rng_state import RandomState
+from imagetok.training.schedule import scaled_lr
 from imagetok.training.strategy import GeneratorDiscriminatorDDPStrategy, wants_ddp
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,25 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
     return module, datamodule
 
 
+def scale_learning_rates(module: TokenizerTrainingModule, cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Apply ``optim.lr_scaling`` to the module's learning rates for this run's global batch, and log
+    the batch and rates the run trains with."""
+    o = module.optim
+    devices, nodes = trainer.num_devices, trainer.num_nodes
+    accumulate = trainer.accumulate_grad_batches
+    global_batch = cfg.data.batch_size * devices * nodes * accumulate
+    rule, base = o.get("lr_scaling", "none"), o.get("base_batch_size")
+    base_lr, base_disc_lr = o["lr"], o.get("disc_lr") or o["lr"]
+    o["lr"] = scaled_lr(base_lr, rule, global_batch, base)
+    o["disc_lr"] = scaled_lr(base_disc_lr, rule, global_batch, base)
+    how = "lr_scaling=none" if rule == "none" else f"lr_scaling={rule}, base_batch_size={base}"
+    if rank_zero_only.rank == 0:
+        log.info("batch %d per device x %d device(s) x %d node(s)%s = global batch %d; lr %.3g -> %.3g, "
+                 "disc_lr %.3g -> %.3g (%s)", cfg.data.batch_size, devices, nodes,
+                 f" x {accumulate} accumulated" if accumulate > 1 else "", global_batch,
+                 base_lr, o["lr"], base_disc_lr, o["disc_lr"], how)
+
+
 @dataclass
 class TrainingRun:
     """What :func:`train` leaves behind: the summary written to ``metrics.json`` and the live objects."""
@@ -98,13 +119,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     tok = module.tokenizer
-    h, w, k = tok.token_shape(cfg.data.image_size)
+    token_shape = "x".join(map(str, tok.token_shape(cfg.data.image_size)))  # h x w x K, or L x 1 (multi-scale)
     log.info("tokenizer: %.2fM parameters (encoder %.2fM, decoder %.2fM), discriminator %.2fM; "
-             "%dx%d image -> %dx%dx%d tokens, codebook sizes %s", _count(tok) / 1e6, _count(tok.encoder) / 1e6,
+             "%dx%d image -> %s tokens, codebook sizes %s", _count(tok) / 1e6, _count(tok.encoder) / 1e6,
              _count(tok.decoder) / 1e6, _count(module.loss.discriminator) / 1e6, cfg.data.image_size,
-             cfg.data.image_size, h, w, k, tok.codebook_sizes)
-    log.info("batch %d per device, %d generator steps, discriminator from step %d, precision %s, run dir %s",
-             cfg.data.batch_size, cfg.trainer.max_steps, cfg.loss.disc_start, cfg.trainer.get("precision"), run_dir)
+             cfg.data.image_size, token_shape, tok.codebook_sizes)
+    log.info("%d generator steps, discriminator from step %d, precision %s, run dir %s",
+             cfg.trainer.max_steps, cfg.loss.disc_start, cfg.trainer.get("precision"), run_dir)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     elif cfg.resume == "last":
@@ -124,8 +145,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     if wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"), trainer_args.get("num_nodes", 1)):
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
-                        logger=CSVLogger(run_dir, name="logs", version=""), plugins=[AtomicCheckpointIO()],
-                        callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir)])
+                        logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO()],
+                        callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir), RandomState()])
+    scale_learning_rates(module, cfg, trainer)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps

@@ -18,3 +18,12 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def scaled_lr(lr: float, rule: str, global_batch: int, base_batch_size: int | None) -> float:
+    """``lr`` (set for a global batch of ``base_batch_size``) scaled to ``global_batch`` images per
+    step: ``none`` keeps it, ``linear`` multiplies by the batch ratio, ``sqrt`` by its square root."""
+    if rule == "none":
+        return lr
+    ratio = global_batch / base_batch_size
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))

@@ -8,8 +8,10 @@ folder names' positions) or a text file listing image paths, one a line (label -
 to the list's folder). Each sample is written with ``webdataset.ShardWriter`` as
 ``__key__`` (``%08d`` position), the image (original bytes under their own extension, or JPEG
 re-encoded with ``--reencode``/``--max-side``), ``cls`` (integer label) and ``json`` (original
-width/height, source path relative to the input, label name). Unreadable images are skipped and
-listed at the end and in ``index.json`` (shards, sample counts, classes, skipped files).
+width/height, source path relative to the input, label name). A shard closes before it would hold
+more than ``--shard-size`` images or its tar file would grow past ``--max-bytes`` (an image larger
+than that alone gets a shard of its own). Unreadable images are skipped and listed at the end and
+in ``index.json`` (shards, sample counts, classes, skipped files).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import argparse
 import io
 import json
 import sys
+import tarfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import webdataset as wds
@@ -29,7 +34,19 @@ IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp
 
 
 class InputError(ValueError):
-    """The input directory or list is missing or holds no images."""
+    """The input directory or list is missing or holds no (readable) images."""
+
+
+def tar_entry_bytes(sizes: Iterable[int]) -> int:
+    """Bytes that members of these sizes take in a tar file: a header block each, data padded to blocks
+    (short ASCII names and an integer mtime need no extended pax header)."""
+    return sum(tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for size in sizes)
+
+
+def tar_file_limit(max_bytes: float) -> int:
+    """Member bytes a shard may hold so that its file stays within ``max_bytes``: closing a tar adds two
+    zero blocks and pads the file to a whole record (``tarfile.RECORDSIZE``)."""
+    return int(max_bytes // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - 2 * tarfile.BLOCKSIZE
 
 
 def list_inputs(source: Path) -> tuple[list[tuple[Path, int]], list[str], Path]:
@@ -37,8 +54,9 @@ def list_inputs(source: Path) -> tuple[list[tuple[Path, int]], list[str], Path]:
     if source.is_file():
         base = source.parent
         lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-        items = [((base / line) if not Path(line).is_absolute() else Path(line), -1) for line in lines]
-        return items, [], base
+        if not lines:
+            raise InputError(f"input list {source} names no image files (one path a line)")
+        return [(base / line, -1) for line in lines], [], base  # an absolute line stays absolute
     if not source.is_dir():
         raise InputError(f"input {source} is neither a directory (ImageFolder tree) nor a file listing images")
     classes = sorted(d.name for d in source.iterdir() if d.is_dir())
@@ -53,7 +71,8 @@ def list_inputs(source: Path) -> tuple[list[tuple[Path, int]], list[str], Path]:
 
 
 def encode(path: Path, reencode: bool, quality: int, max_side: int | None) -> tuple[str, bytes, tuple[int, int]]:
-    """``(extension, bytes, (width, height) of the original)``; raises OSError/ValueError if unreadable."""
+    """``(extension, bytes, (width, height) of the original)``; raises OSError, ValueError or PIL's
+    DecompressionBombError (an image of absurd size) if unreadable."""
     with Image.open(path) as image:
         image.load()  # decode fully: a truncated file fails here, not during training
         size = image.size
@@ -83,19 +102,31 @@ def make_shards(source: Path, output: Path, shard_size: int = 1000, max_bytes: f
         else:
             Path(fname).unlink()
 
+    # an integer mtime: a float one (webdataset's default, time.time()) adds a pax header to every member
     writer = wds.ShardWriter(str(output / "shard-%06d.tar"), maxcount=shard_size, maxsize=max_bytes,
-                             post=finished, verbose=0)
+                             post=finished, verbose=0, mtime=int(time.time()))
+    limit, shard_bytes = tar_file_limit(max_bytes), 0
     with writer, tqdm(items, desc=f"shards -> {output}", unit="img", disable=not progress) as bar:
         for index, (path, label) in enumerate(bar):
             try:
                 ext, data, (width, height) = encode(path, reencode, quality, max_side)
-            except (OSError, UnidentifiedImageError, ValueError) as err:
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
                 skipped.append({"path": str(path), "error": f"{type(err).__name__}: {err}"})
                 bar.set_postfix(skipped=len(skipped))
                 continue
             meta = {"width": width, "height": height, "path": str(path.relative_to(base)) if path.is_relative_to(base)
                     else str(path), "label": label, "label_name": classes[label] if label >= 0 else None}
-            writer.write({"__key__": f"{index:08d}", ext: data, "cls": label, "json": meta})
+            # bytes already, so the size of every tar member is known before it is written
+            sample = {ext: data, "cls": str(label).encode(), "json": json.dumps(meta).encode()}
+            size = tar_entry_bytes(len(v) for v in sample.values())
+            if writer.count and (shard_bytes + size > limit or writer.count >= shard_size):
+                writer.next_stream()  # close this shard before the sample would take it past a limit
+                shard_bytes = 0
+            writer.write({"__key__": f"{index:08d}", **sample})
+            shard_bytes += size
+    if not shards:
+        raise InputError(f"none of the {len(items)} images in {source} could be read, e.g. {skipped[0]['path']}: "
+                         f"{skipped[0]['error']}")
     index = {"shards": shards, "samples": sum(s["samples"] for s in shards), "classes": classes,
              "skipped": skipped, "source": str(source),
              "urls": f"{output}/shard-{{{0:06d}..{max(len(shards) - 1, 0):06d}}}.tar"}

@@ -3,11 +3,14 @@ reads trees and names a bad file."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from imagetok.data.corrupt import CorruptDataError
 from imagetok.data.imagefolder import ImageFolderDataModule, ImageLoadError
 from imagetok.data.sample import SampleDataModule
 from imagetok.errors import ConfigValueError
@@ -78,6 +81,28 @@ def test_imagefolder_names_a_corrupt_file(tmp_path):
     files = dm.train_dataset()
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         [files[i] for i in range(len(files))]
+
+
+def test_imagefolder_skips_corrupt_files_until_too_many(tmp_path, caplog):
+    _tree(tmp_path, n=3)
+    # sorts between 0.png and 1.png
+    (tmp_path / "train" / "class_a" / "0_broken.png").write_bytes(b"\x89PNG not really")
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=2, num_workers=0, crop="center",
+                               max_corrupt_fraction=0.5, corrupt_min_seen=4)
+    files = dm.train_dataset()
+    assert len(files) == 4
+    with caplog.at_level(logging.WARNING, logger="imagetok.data.corrupt"):
+        images = [files[i] for i in (0, 1, 2, 3, 1)]
+    # the broken file is replaced by the next readable one, so batches keep their size
+    assert torch.equal(images[1], images[2]) and not torch.equal(images[0], images[1])
+    assert caplog.text.count("skipped corrupt sample") == 1 and "0_broken.png" in caplog.text  # logged once
+    assert next(iter(dm.train_dataloader())).shape == (2, 3, 16, 16)
+
+    (tmp_path / "train" / "class_a" / "2_broken.png").write_bytes(b"")
+    strict = ImageFolderDataModule(root=str(tmp_path), image_size=16, batch_size=2, num_workers=0,
+                                   max_corrupt_fraction=0.25, corrupt_min_seen=4).train_dataset()
+    with pytest.raises(CorruptDataError, match=r"2 of \d+ samples .*0_broken.png, .*2_broken.png"):
+        [strict[i] for i in range(len(strict))]
 
 
 def test_imagefolder_without_images(tmp_path):

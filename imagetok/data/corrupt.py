@@ -59,8 +59,14 @@ class CorruptSampleGuard:
 
     def webdataset_handler(self, error: Exception) -> bool:
         """A webdataset ``handler=``: names the sample by the key and shard that webdataset's
-        ``DecodingError`` carries, skips it (returns True) or raises."""
+        ``DecodingError`` carries (or the shard, for a shard that cannot be opened or read), skips it
+        (returns True) or raises."""
         key, url = getattr(error, "key", None), getattr(error, "url", None)
-        name = f"{key} in {url}" if key is not None else str(error)
+        if key is not None:
+            name = f"{key} in {url}"
+        elif len(error.args) >= 2 and isinstance(error.args[-1], str):  # webdataset appends (stream, url)
+            name = f"shard {error.args[-1]}"
+        else:
+            name = str(error)
         self.skip(name, error.__cause__ or error)
         return True

@@ -4,26 +4,30 @@ workers, ``webdataset.WebLoader`` with a fixed epoch length.
 
 Order: every pass builds its pipeline from ``(seed, epoch, rank, worker)``, so given those the shard
 order, the shuffle buffer and the crops are fixed. Lightning passes the epoch through
-``loader.sampler.set_epoch`` (see :class:`EpochWebLoader`).
+``loader.sampler.set_epoch``, and a checkpoint holds the position within the epoch (see
+:class:`EpochWebLoader`), so a resumed run continues with the batches the interrupted one would have had.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
+from webdataset.autodecode import DecodingError
 from webdataset.shardlists import expand_urls
 
 from imagetok.data.corrupt import CorruptSampleGuard
 from imagetok.data.datamodule import ImageDataModule
 from imagetok.data.transforms import make_crop, to_model_range
 from imagetok.errors import ConfigValueError, check
+
+log = logging.getLogger(__name__)
 
 
 def expand_shard_urls(urls: str | Sequence[str], key: str) -> list[str]:
@@ -67,12 +71,15 @@ class ShardImages(IterableDataset):
 
     Args:
         urls: expanded shard URLs.
+        crop: ``crop(uint8 [3, H, W], generator=...) -> uint8 [3, S, S]`` (see :func:`make_crop`).
         resampled: draw shards with replacement, forever, with a seed per (seed, epoch, rank, worker);
             otherwise pass over this rank's (and worker's) shards, ``repeat`` times or forever if None.
         split_by_node / split_by_worker: give each rank / worker every ``world``-th / ``workers``-th shard
             (only without ``resampled``).
         shuffle_buffer: samples held by webdataset's shuffle (0: shard order).
-        batch_size: batch in the worker (drops a last partial batch when ``repeat`` is None), or None.
+        batch_size: batch in the worker, or None. Batches span passes over the shards (a worker whose
+            shards hold fewer images than a batch still fills it); only the last batch of a finite
+            stream (``repeat`` not None) can be smaller.
     """
 
     def __init__(self, urls: list[str], *, crop, rank: int, world: int, guard: CorruptSampleGuard,
@@ -85,20 +92,23 @@ class ShardImages(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every training epoch start; the epoch seeds shards, shuffle and crops."""
         self.epoch = epoch
+        log.info("training shards: epoch %d on rank %d of %d", epoch, self.rank, self.world)
 
     def _split_by_rank(self, shards: Iterator[dict]) -> Iterator[dict]:
         return itertools.islice(shards, self.rank, None, self.world)
 
     def _crop(self, generator: torch.Generator):
         def crop(sample: dict) -> torch.Tensor:
-            return to_model_range(self.crop(image_of(sample), generator=generator))
+            try:
+                return to_model_range(self.crop(image_of(sample), generator=generator))
+            except Exception as err:  # name the sample as a decoding failure does, for the guard's log
+                raise DecodingError(url=sample.get("__url__"), key=sample.get("__key__"), sample=sample) from err
         return crop
 
-    def pipeline(self) -> wds.DataPipeline:
-        """This worker's pipeline for the current epoch."""
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
+    def samples(self, worker: int) -> wds.DataPipeline:
+        """One worker's stream of single cropped images for the current epoch, repeated as ``repeat`` says."""
         seed = wds.utils.make_seed(self.seed, self.epoch, self.rank, worker)
         if self.resampled:
             stages = [wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True)]
@@ -108,30 +118,77 @@ class ShardImages(IterableDataset):
                       wds.split_by_worker if self.split_by_worker else None,
                       # a new shard order on every pass, from seed + pass
                       wds.detshuffle(len(self.urls), seed=seed) if self.shuffle_buffer > 0 else None]
+        # one handler everywhere: an unreadable shard, a bad tar member or an undecodable image is
+        # skipped and counted by the guard, which raises once there are too many
         handler = self.guard.webdataset_handler
-        stages += [wds.tarfile_to_samples(),
+        stages += [wds.tarfile_to_samples(handler=handler),
+                   # shuffled before decoding: the buffer holds encoded bytes, not decoded images
                    wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed))
                    if self.shuffle_buffer > 0 else None,
                    wds.map(self.guard.saw),
                    wds.decode(wds.imagehandler("torchrgb8"), handler=handler),
-                   wds.map(self._crop(torch.Generator().manual_seed(seed)), handler=handler),
-                   wds.batched(self.batch_size, collation_fn=torch.stack, partial=self.repeat is not None)
-                   if self.batch_size else None]
+                   wds.map(self._crop(torch.Generator().manual_seed(seed)), handler=handler)]
         pipeline = wds.DataPipeline(*stages)
         return pipeline.repeat() if self.repeat is None else pipeline.repeat(self.repeat)
 
+    def pipeline(self) -> wds.DataPipeline:
+        """This worker's pipeline for the current epoch: :meth:`samples`, batched if ``batch_size``."""
+        info = torch.utils.data.get_worker_info()
+        samples = self.samples(info.id if info is not None else 0)
+        if not self.batch_size:
+            return samples
+        return wds.DataPipeline(samples, wds.batched(self.batch_size, collation_fn=torch.stack,
+                                                     partial=self.repeat is not None))
+
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self.pipeline())
+        yield from self.pipeline()
+        if self.repeat is None:  # webdataset ends an endless repeat when one pass yields nothing
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+            raise RuntimeError(
+                f"rank {self.rank} worker {worker}: a pass over its shards gave no readable image (of "
+                f"{len(self.urls)} shards in all; resampled={self.resampled}); check the shards, or write more "
+                "of them than world_size x num_workers")
 
 
 class EpochWebLoader(wds.WebLoader):
-    """``webdataset.WebLoader`` that hears the epoch: at each epoch start Lightning calls
-    ``loader.sampler.set_epoch(epoch)``; an IterableDataset has no sampler, so its dataset stands in.
-    Workers are not persistent, so each epoch's workers get the dataset with the new epoch."""
+    """``webdataset.WebLoader`` that hears the epoch and can resume mid-epoch.
+
+    At each epoch start Lightning calls ``loader.sampler.set_epoch(epoch)``; an IterableDataset has
+    no sampler, so its dataset stands in. Workers are not persistent, so each epoch's workers get the
+    dataset with the new epoch. As :class:`~imagetok.data.datamodule.ResumableDataLoader` does, the
+    ``state_dict`` (which Lightning saves with every checkpoint) is the number of batches of this
+    epoch handed out; after :meth:`load_state_dict` the next pass leaves that many out. An epoch's
+    batches are a function of (seed, epoch, rank), so the resumed run trains on the batches the
+    interrupted one would have; they are decoded to be left out, which costs their decoding time.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_served, self.skip_next = 0, 0
 
     @property
     def sampler(self) -> ShardImages:
         return self.pipeline[0].dataset
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        skip, self.skip_next = self.skip_next, 0
+        self.batches_served = skip
+        for batch in itertools.islice(super().__iter__(), skip, None):
+            self.batches_served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.batches_served, "batch_size": self.sampler.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        served, batch_size = int(state_dict["batches_served"]), int(state_dict["batch_size"])
+        if batch_size != self.sampler.batch_size:  # a changed batch size: leave out the same number of images
+            served = served * batch_size // self.sampler.batch_size
+            log.warning("resuming with batch size %d instead of %d: leaving out %d batches of the current epoch",
+                        self.sampler.batch_size, batch_size, served)
+        self.skip_next = served if served < len(self) else 0  # a finished epoch is followed by a fresh one
+        self.batches_served = self.skip_next
 
 
 class WebDataModule(ImageDataModule):
@@ -161,7 +218,8 @@ class WebDataModule(ImageDataModule):
         self.urls, self.val_urls = expand_shard_urls(urls, "urls"), expand_shard_urls(val_urls, "val_urls")
         check(isinstance(epoch_length, int) and epoch_length >= batch_size, "epoch_length", epoch_length,
               f"an integer >= batch_size ({batch_size}): training samples per rank per epoch")
-        check(isinstance(shuffle_buffer, int) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer, "an integer >= 0")
+        check(isinstance(shuffle_buffer, int) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer,
+              "an integer >= 0")
         self.train_crop = make_crop(crop, image_size, scale, flip)
         self.val_crop = make_crop("center", image_size)
         CorruptSampleGuard(max_corrupt_fraction, corrupt_min_seen)  # checks both values now, before training
@@ -180,13 +238,14 @@ class WebDataModule(ImageDataModule):
         return distributed_rank_and_world(self.trainer)
 
     def preflight(self, world: int) -> None:
-        """Refuse splits that would leave a rank or a worker without shards."""
+        """Refuse splits that would leave a rank or a worker without shards (``world``: number of ranks)."""
         workers = max(1, self.num_workers)
-        if not self.resampled and len(self.urls) < world * workers:
+        ranks_apart, workers_apart = world if self.split_by_node else 1, workers if self.split_by_worker else 1
+        if not self.resampled and len(self.urls) < ranks_apart * workers_apart:
             raise ConfigValueError("data.urls", f"{len(self.urls)} shards", f"at least world_size x num_workers = "
-                                   f"{world} x {workers} = {world * workers} shards with data.resampled=false, so that "
-                                   "every rank and worker reads its own; write more shards, lower data.num_workers, "
-                                   "or set data.resampled=true")
+                                   f"{ranks_apart} x {workers_apart} = {ranks_apart * workers_apart} shards with "
+                                   "data.resampled=false, so that every rank and worker reads its own; write more "
+                                   "shards, lower data.num_workers, or set data.resampled=true")
         if len(self.val_urls) < world:
             raise ConfigValueError("data.val_urls", f"{len(self.val_urls)} shards", f"at least world_size = {world} "
                                    "shards, so that every rank validates on its own shards")

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from imagetok.data.imagefolder import ImageLoadError
 from imagetok.errors import ConfigValueError, MissingWeightsError
-from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only
+from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, requeued_by_slurm
 from imagetok.training.run import train
 
 
@@ -21,6 +21,8 @@ def main(cfg: DictConfig) -> None:
     try:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             check_sweep_job(cfg.trainer)
+            if cfg.resume is None and requeued_by_slurm():
+                cfg.resume = "last"  # a requeued job reruns its original overrides; it must not start over
             # resume=last in a sweep continues this job alone (a requeued SLURM job reruns in its own
             # directory), never the newest checkpoint of some other run
             if cfg.resume == "last":
@@ -29,6 +31,9 @@ def main(cfg: DictConfig) -> None:
     except (ConfigValueError, MissingWeightsError, ImageLoadError) as err:
         logging.getLogger("imagetok").error("error: %s", err)
         sys.exit(2)
+    except FloatingPointError as err:  # optim.nonfinite: the loss diverged; no checkpoint was touched
+        logging.getLogger("imagetok").error("training stopped: %s", err)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def validate_config(cfg: DictConfig) -> None:
     precision = str(cfg.trainer.get("precision", "32-true"))
     check(precision in SUPPORTED_PRECISIONS, "trainer.precision", precision,
           f"one of {SUPPORTED_PRECISIONS} (fp16 GAN training is unstable; use bf16-mixed on GPUs)")
+    if cfg.trainer.get("strategy") == "fsdp":  # FSDP2 leaves buffers alone: running statistics would drift by rank
+        norm = cfg.loss.discriminator.get("norm", "group")
+        check(norm != "batch", "loss.discriminator.norm", norm, "'group' or 'none' with trainer.strategy=fsdp")
     o = cfg.optim
     check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
     check(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "'cosine' or 'constant'")

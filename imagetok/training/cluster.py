@@ -25,6 +25,12 @@ def processes_started_by_cluster() -> bool:
     return SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
 
 
+def requeued_by_slurm() -> bool:
+    """Whether SLURM restarted this job: submitit requeues it (``scontrol requeue``) after a preemption
+    or a timeout, and SLURM then counts the restarts in ``SLURM_RESTART_COUNT``."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
 def cluster_plugins() -> list[Any]:
     """Trainer plugins for the cluster this process runs on (none off SLURM).
 
@@ -41,16 +47,18 @@ def cluster_plugins() -> list[Any]:
 def check_sweep_job(trainer: Any) -> None:
     """A sweep job (``-m``) may use several devices only if the cluster starts its processes.
 
-    Lightning's DDP launcher re-runs the command line for every extra rank, and in a sweep that command
-    line is the whole sweep (Hydra issue 2070), so each rank would start sweeps of its own.
+    Lightning's launcher (DDP or FSDP) re-runs the command line for every extra rank, and in a sweep that
+    command line is the whole sweep (Hydra issue 2070), so each rank would start sweeps of its own.
     """
-    devices, num_nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
-    if wants_ddp(trainer.get("strategy", "auto"), devices, num_nodes) and not processes_started_by_cluster():
+    strategy, devices = trainer.get("strategy", "auto"), trainer.get("devices", "auto")
+    num_nodes = trainer.get("num_nodes", 1)
+    several = wants_ddp(strategy, devices, num_nodes) or (strategy == "fsdp" and wants_ddp("auto", devices, num_nodes))
+    if several and not processes_started_by_cluster():
         raise ConfigValueError(
             "trainer.devices", devices,
-            "1 in a sweep (-m) run on this machine: Lightning's DDP launcher would re-run the whole sweep for every "
-            "rank. Sweep with more devices through SLURM (hydra/launcher=slurm starts one task per device), or run "
-            "each configuration without -m")
+            "1 in a sweep (-m) run on this machine: Lightning's process launcher would re-run the whole sweep for "
+            "every rank. Sweep with more devices through SLURM (hydra/launcher=slurm starts one task per device), "
+            "or run each configuration without -m")
 
 
 def log_file_on_rank_zero_only() -> None:

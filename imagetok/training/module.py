@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from imagetok.evaluation.codebook import CodebookUsage
@@ -29,6 +30,8 @@ from imagetok.tokenizer import Tokenizer
 from imagetok.training.ema import EMA
 from imagetok.training.rank_sync import unsynced_state
 from imagetok.training.schedule import lr_lambda
+from imagetok.training.strategy import (average_replicated_gradients, clip_gradient_norm, gradient_norm,
+                                        shard_network, shard_tokenizer, update_sharded_ema)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class TokenizerTrainingModule(L.LightningModule):
         self._parallel: dict[str, nn.Module] = {}
         self.state_differing_across_ranks: list[str] = []  # set after multi-process training: state that differs by rank
         self.skipped_steps = 0  # batches dropped for a non-finite loss (optim.nonfinite=skip); in checkpoints
+        self._sharded = False  # set by configure_model under the FSDP strategy
 
     def wrap_for_data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Give the tokenizer and the discriminator a data-parallel wrapper each (see training/strategy.py)."""
@@ -71,6 +75,24 @@ class TokenizerTrainingModule(L.LightningModule):
 
     def unwrap_from_data_parallel(self) -> None:
         self._parallel = {}
+
+    def configure_model(self) -> None:
+        """Under ShardedGeneratorDiscriminatorStrategy (``trainer=fsdp``), which sets ``device_mesh``:
+        shard the tokenizer, its EMA copy (alike, so that they average shard by shard) and the
+        discriminator over the data-parallel ranks. Nothing to do for any other strategy."""
+        if self.device_mesh is None or self._sharded:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        units = shard_tokenizer(self.tokenizer, mesh)
+        if self.ema is not None:
+            shard_tokenizer(self.ema.module, mesh)
+        disc_units = shard_network(self.loss.discriminator, mesh)
+        self._sharded = True
+        replicated = sum(p.numel() for p in self.tokenizer.parameters() if not isinstance(p, DTensor))
+        if rank_zero_only.rank == 0:
+            log.info("FSDP over %d ranks: tokenizer in %d sharded units, discriminator in %d; %d tokenizer "
+                     "parameters replicated (quantizer, decoder's last layer, latent projections)",
+                     mesh.size(), units, disc_units, replicated)
 
     @property
     def eval_tokenizer(self) -> Tokenizer:
@@ -98,13 +120,15 @@ class TokenizerTrainingModule(L.LightningModule):
         with self.toggled_optimizer(optimizer):  # the other network's parameters get no gradient
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            if self._skipping:
-                grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-                if self._nonfinite_terms({f"grad_norm/{name}": norm}, step):
-                    optimizer.zero_grad(set_to_none=True)
-                    return False
-            if self.optim.get("grad_clip"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if self._sharded:
+                average_replicated_gradients(params)
+            if self._skipping and self._nonfinite_terms({f"grad_norm/{name}": gradient_norm(params)}, step):
+                optimizer.zero_grad(set_to_none=True)
+                return False
+            if self.optim.get("grad_clip") and self._sharded:
+                clip_gradient_norm(params, self.optim["grad_clip"])
+            elif self.optim.get("grad_clip"):
                 self.clip_gradients(optimizer, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
             if count_as_step:
                 optimizer.step()
@@ -139,13 +163,20 @@ class TokenizerTrainingModule(L.LightningModule):
                                      "the last saved checkpoint is untouched")
         return bad
 
-    def _skip(self, bad: list[str], step: int, what: str, buffers: dict[str, torch.Tensor] | None) -> None:
-        """Count a dropped update, put the quantizer's buffers back, and give up past the limit."""
+    def _forward_state(self) -> dict[str, torch.Tensor]:
+        """The tokenizer state a training forward may change in place: its buffers and the quantizer's
+        parameters (EMA codebook updates, k-means initialisation and dead-code restarts write them)."""
+        state = dict(self.tokenizer.named_buffers())
+        state.update(self.tokenizer.quantizer.named_parameters(prefix="quantizer"))
+        return state
+
+    def _skip(self, bad: list[str], step: int, what: str, saved: dict[str, torch.Tensor] | None) -> None:
+        """Count a dropped update, put back what the forward pass changed, and give up past the limit."""
         self.skipped_steps += 1
-        if buffers is not None:
+        if saved is not None:
             with torch.no_grad():
-                for name, buffer in self.tokenizer.named_buffers():
-                    buffer.copy_(buffers[name])
+                for name, tensor in self._forward_state().items():
+                    tensor.copy_(saved[name])
         limit = self.optim.get("max_skipped_steps", 10)
         if self.skipped_steps > limit:
             raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}: {self.skipped_steps} "
@@ -160,22 +191,30 @@ class TokenizerTrainingModule(L.LightningModule):
         step = self.global_step  # generator steps done so far
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
-        # The forward pass updates codebook statistics; a skipped update must not keep them.
-        buffers = {k: b.clone() for k, b in self.tokenizer.named_buffers()} if self._skipping else None
+        # The forward pass updates codebook statistics (and, for EMA codebooks, k-means and dead-code
+        # restarts, the codebook itself); a skipped update must not keep them.
+        saved = {k: t.detach().clone() for k, t in self._forward_state().items()} if self._skipping else None
 
         recon, quant = self._parallel.get("tokenizer", self.tokenizer)(images)
         g_loss, logs = self.loss.generator_loss(images, recon, quant, step, self.tokenizer.decoder.last_layer)
         bad = self._nonfinite_terms(logs, step)
         if bad or not self._step(opt_g, g_loss, count_as_step=True, name="generator", step=step):
-            self._skip(bad or ["grad_norm/generator"], step, "generator and discriminator updates", buffers)
+            self._skip(bad or ["grad_norm/generator"], step, "generator and discriminator updates", saved)
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
             return
         logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])  # the rate this step used
         sched_g.step()
         if self.ema is not None:
-            self.ema.update(self.tokenizer)
+            if self._sharded:
+                update_sharded_ema(self.ema, self.tokenizer)
+            else:
+                self.ema.update(self.tokenizer)
 
         if self.loss.discriminator_active(step):
+            if step == getattr(self.loss, "disc_start", 0):
+                # The first discriminator step. An FSDP checkpoint saved before it "initialised" the unused
+                # optimiser with a zero-lr step (torch's get_optimizer_state_dict): Adam must count from 0.
+                opt_d.optimizer.state.clear()
             d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"))
             bad = self._nonfinite_terms(d_logs, step)
             if not bad and self._step(opt_d, d_loss, count_as_step=False, name="discriminator", step=step):
@@ -191,9 +230,16 @@ class TokenizerTrainingModule(L.LightningModule):
         self.log("loss", logs["total"], prog_bar=True, logger=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = {k: v for k, v in checkpoint["state_dict"].items() if v.is_floating_point()}
-        if state and not bool(torch.stack([torch.isfinite(v).all() for v in state.values()]).all()):
-            bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+        # Checked on this rank's own tensors (its shards when sharded), and agreed on by all ranks: under
+        # FSDP only rank 0 holds the assembled state_dict, and every rank must stop alike.
+        state = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in self.state_dict().items()}
+        state = {k: v for k, v in state.items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in state.values()] or [torch.tensor(True)])
+        all_finite = finite.all().int().to(self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)
+        if not bool(all_finite):
+            bad = [k for k, ok in zip(state, finite.tolist()) if not ok] or ["(on another rank)"]
             raise FloatingPointError(f"non-finite weights {bad[:5]} at generator step {self.global_step}: checkpoint "
                                      "not written, the last saved checkpoint is untouched")
         checkpoint["skipped_steps"] = self.skipped_steps
@@ -213,8 +259,8 @@ class TokenizerTrainingModule(L.LightningModule):
         return {"reconstruction": recon.detach()}  # for validation callbacks (val/fid)
 
     def on_train_end(self) -> None:
-        if self.trainer.world_size > 1:
-            self.state_differing_across_ranks = unsynced_state(self, self.all_gather)
+        if self.trainer.world_size > 1:  # sharded tensors exist once; the replicated state is compared
+            self.state_differing_across_ranks = unsynced_state(_ReplicatedState(self), self.all_gather)
 
     def on_validation_epoch_end(self) -> None:
         # compute() already sums the metric states over ranks; sync_dist then averages equal values
@@ -222,3 +268,13 @@ class TokenizerTrainingModule(L.LightningModule):
         self.log("val/codebook_usage", self.val_usage.compute(), prog_bar=True, sync_dist=True)
         self.val_psnr.reset()
         self.val_usage.reset()
+
+
+class _ReplicatedState:
+    """The part of a module's state_dict that every rank holds whole (all of it unless sharded)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.module.state_dict().items() if not isinstance(v, DTensor)}

@@ -22,11 +22,13 @@ from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
                                          write_json_atomic)
 from imagetok.training.checks import resolve_resume, validate_config
+from imagetok.training.cluster import cluster_plugins
 from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
 from imagetok.training.rng_state import RandomState
 from imagetok.training.schedule import scaled_lr
-from imagetok.training.strategy import GeneratorDiscriminatorDDPStrategy, wants_ddp
+from imagetok.training.strategy import (GeneratorDiscriminatorDDPStrategy, ShardedGeneratorDiscriminatorStrategy,
+                                        wants_ddp)
 
 log = logging.getLogger(__name__)
 # Expected here, not a problem: the EMA copy is always in eval mode, and the discriminator's scheduler
@@ -142,10 +144,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   monitor="step", mode="max", save_top_k=cfg.checkpoint.keep)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"), trainer_args.get("num_nodes", 1)):
+    if trainer_args.get("strategy") == "fsdp":  # Lightning's own FSDPStrategy would wrap the module as a whole
+        trainer_args["strategy"] = ShardedGeneratorDiscriminatorStrategy()
+    elif wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"), trainer_args.get("num_nodes", 1)):
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
-                        logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO()],
+                        logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO(), *cluster_plugins()],
                         callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir), RandomState()])
     scale_learning_rates(module, cfg, trainer)
     started = time.time()

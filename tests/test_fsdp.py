@@ -1,0 +1,99 @@
+"""Sharded data-parallel training (``trainer.strategy=fsdp``, FSDP2) with 2 CPU processes (gloo).
+
+The same 2-process run under DDP and under FSDP must train the same model (up to float rounding:
+reduce-scatter and all-reduce round differently), and an FSDP run resumed from its own step-2
+checkpoint must equal the straight run bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from imagetok.errors import ConfigValueError
+from imagetok.tokenizer import Tokenizer
+from imagetok.training.run import build
+from test_resume import _assert_same
+from test_train_variants import TINY
+
+# EMA codebook with k-means and restarts (replicated quantizer, written in place by its forward), the
+# discriminator from step 2 with the adaptive weight (autograd.grad on the replicated last layer).
+RUN = ["experiment=cpu_vq_ema", *TINY, "data.val_samples=8", "quantizer.codebook_size=64",
+       "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0.5", "loss.disc_start=2", "trainer.devices=2",
+       "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint.every_n_steps=2"]
+
+
+def _train(run_dir, *extra) -> str:
+    env = dict(os.environ, IMAGETOK_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "train.py", *RUN, *extra, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _losses(run_dir) -> list[float]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [float(r["train/total"]) for r in csv.DictReader(f) if r.get("train/total")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    ddp, fsdp, resumed = root / "ddp", root / "fsdp", root / "resumed"
+    _train(ddp)
+    log = _train(fsdp, "trainer.strategy=fsdp")
+    # nonfinite=skip also takes the gradient-norm check over sharded and replicated gradients (no step is bad)
+    middle = fsdp / "checkpoints" / "step000002.ckpt"
+    _train(resumed, "trainer.strategy=fsdp", f"resume={middle}", "optim.nonfinite=skip")
+    return ddp, fsdp, resumed, log
+
+
+def test_fsdp_shards_and_trains_the_same_model_as_ddp(runs):
+    ddp, fsdp, _, log = runs
+    assert "FSDP over 2 ranks: tokenizer in 6 sharded units, discriminator in 1" in log  # root + 2 levels, twice
+    summary = json.loads((fsdp / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["generator_steps"] == 4 and summary["ranks_in_sync"] is True
+
+    a = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()  # one ordinary file with whole tensors
+    early = torch.load(ddp / "checkpoints" / "step000002.ckpt", weights_only=True)["state_dict"]
+    for key, expected in b["state_dict"].items():
+        got = a["state_dict"][key]
+        assert got.shape == expected.shape and got.dtype == expected.dtype, key
+        if not expected.is_floating_point():
+            assert torch.equal(got, expected), key  # k-means, counters, last-used steps
+            continue
+        moved = (expected - early[key]).norm()
+        if moved > 1e-3:  # what two training steps changed, against the difference between the strategies
+            assert (got - expected).norm() < 1e-2 * moved, key
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-4)
+    d_steps = [{int(s["step"]) for s in ckpt["optimizer_states"][1]["state"].values()} for ckpt in (a, b)]
+    assert d_steps == [{2}, {2}]  # the discriminator's Adam counts its own two steps under both
+
+    tokenizer = Tokenizer.from_checkpoint(fsdp / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        assert tokenizer.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 8, 8, 1)
+
+
+def test_fsdp_resume_is_bitwise_identical(runs):
+    _, fsdp, resumed, _ = runs
+    a = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    _assert_same(a["state_dict"], b["state_dict"], "state_dict")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+    _assert_same(a["lr_schedulers"], b["lr_schedulers"], "lr_schedulers")
+
+
+def test_fsdp_refuses_batch_norm_in_the_discriminator(compose_config):
+    with pytest.raises(ConfigValueError) as err:
+        build(compose_config(["trainer.strategy=fsdp", "loss.discriminator.norm=batch"]))
+    assert err.value.key == "loss.discriminator.norm" and "with trainer.strategy=fsdp" in str(err.value)

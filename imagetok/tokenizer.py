@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from imagetok.errors import ConfigValueError
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 from imagetok.utils.build import build
 
@@ -23,11 +24,14 @@ class Tokenizer(nn.Module):
 
     ``quant_conv`` (1x1) maps the encoder's ``z_channels`` to the quantizer's ``dim`` and
     ``post_quant_conv`` maps the quantizer's ``out_dim`` back to the decoder's ``z_channels``, as in VQGAN.
+    An encoder with ``token_layout = "sequence"`` (1D latent tokens, ``nets/latent_tokens.py``) emits
+    ``[B, N, z_channels]``; both maps are then linear layers over the channels (the same operation on
+    channels-last tokens), and indices are ``[B, N, K]``.
 
     Args:
-        encoder: module with ``z_channels``; ``[B, 3, H, W] -> [B, z_channels, h, w]``.
+        encoder: module with ``z_channels``; ``[B, 3, H, W] -> [B, z_channels, h, w]`` (or ``[B, N, z_channels]``).
         quantizer: a :class:`Quantizer` with ``dim``.
-        decoder: module with ``z_channels``; ``[B, z_channels, h, w] -> [B, 3, H, W]``.
+        decoder: module with ``z_channels``; ``[B, z_channels, h, w]`` (or ``[B, k, z_channels]``) ``-> [B, 3, H, W]``.
         config: the JSON-able ``{"encoder": {...}, "quantizer": {...}, "decoder": {...}}`` this
             tokenizer was built from (``_target_`` dicts); kept so it can be saved and rebuilt.
     """
@@ -36,8 +40,12 @@ class Tokenizer(nn.Module):
                  config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
-        self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
-        self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, 1)
+        if self.is_sequence:
+            self.quant_conv = nn.Linear(encoder.z_channels, quantizer.dim)
+            self.post_quant_conv = nn.Linear(quantizer.out_dim, decoder.z_channels)
+        else:
+            self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
+            self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, 1)
         self.config = copy.deepcopy(dict(config)) if config is not None else None
 
     @classmethod
@@ -92,9 +100,22 @@ class Tokenizer(nn.Module):
     def downsample_factor(self) -> int:
         return self.encoder.downsample_factor
 
+    @property
+    def is_sequence(self) -> bool:
+        """Whether tokens form a 1D sequence ``[B, N, K]`` (latent-token encoders) rather than a grid."""
+        return getattr(self.encoder, "token_layout", "grid") == "sequence"
+
+    @property
+    def variable_length(self) -> bool:
+        """Whether any prefix ``ids[:, :k]`` of a 1D token sequence decodes (decoder trained with token drop)."""
+        return self.is_sequence and bool(getattr(self.decoder, "variable_length", False))
+
     def token_shape(self, image_size: int | tuple[int, int]) -> tuple[int, ...]:
         """Shape of what :meth:`encode` returns for one image of this size (without the batch); the last
-        entry is K. ``(h, w, K)`` for grid quantizers, ``(sum s_k^2, 1)`` for the multi-scale one."""
+        entry is K. ``(h, w, K)`` for grid quantizers, ``(sum s_k^2, 1)`` for the multi-scale one,
+        ``(N, K)`` for 1D latent tokens (whatever the image size)."""
+        if self.is_sequence:
+            return (self.encoder.num_latent_tokens, len(self.codebook_sizes))
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         f = self.downsample_factor
         return tuple(self.quantizer.index_shape_for((height // f, width // f)))
@@ -104,7 +125,8 @@ class Tokenizer(nn.Module):
         return self.quantizer(self.quant_conv(self.encoder(images)))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
-        """Quantized latents ``[B, out_dim, h, w]`` -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
+        """Quantized latents ``[B, out_dim, h, w]`` (or ``[B, k, out_dim]``) -> images ``[B, 3, H, W]``
+        (about [-1, 1], unclamped)."""
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
@@ -113,19 +135,32 @@ class Tokenizer(nn.Module):
         return self.decode_latents(out.z_q), out
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] -> LongTensor indices ``[B, *token_shape]`` (``[B, h, w, K]``
-        for grid quantizers, ``[B, sum s_k^2, 1]`` for the multi-scale one)."""
-        return self.quantize(images).indices
+        for grid quantizers, ``[B, sum s_k^2, 1]`` for the multi-scale one, ``[B, N, K]`` for 1D tokens).
+
+        ``num_tokens=k`` keeps the first ``k`` tokens of a 1D sequence, ``[B, k, K]`` (for a tokenizer
+        trained with token drop, :attr:`variable_length`, every such prefix decodes)."""
+        indices = self.quantize(images).indices
+        if num_tokens is None:
+            return indices
+        if not self.is_sequence:
+            raise ConfigValueError("num_tokens", num_tokens, "None for a tokenizer whose tokens form a grid "
+                                   "(only 1D latent-token tokenizers take a number of tokens)")
+        n = indices.shape[1]
+        if not (isinstance(num_tokens, int) and 1 <= num_tokens <= n):
+            raise ConfigValueError("num_tokens", num_tokens, f"an integer in [1, {n}]")
+        return indices[:, :num_tokens]
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``[B, *token_shape]`` (as :meth:`encode` returns) -> images ``[B, 3, H, W]`` (about [-1, 1], unclamped)."""
-        return self.decode_latents(self.quantizer.indices_to_latents(indices))
+        return self.decode_latents(self.indices_to_latents(indices))
 
     def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices ``[B, *token_shape]`` -> quantized latents ``[B, out_dim, h, w]``."""
-        return self.quantizer.indices_to_latents(indices)
+        """Indices ``[B, *token_shape]`` -> quantized latents ``[B, out_dim, h, w]`` (``[B, N, out_dim]``
+        for 1D tokens)."""
+        return self.quantizer.indices_to_latents(indices, channels_last=self.is_sequence)
 
     @staticmethod
     def preprocess(images: Any) -> torch.Tensor:

@@ -41,3 +41,24 @@ def plot_rank_frequency(per_codebook: list[torch.Tensor], exponents: list[float]
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_psnr_vs_tokens(psnr_by_count: dict[str, float], full_psnr: float | None, path: str | Path) -> None:
+    """Held-out PSNR against the number of 1D tokens decoded (``{"k": dB}``), log2 token axis."""
+    counts = sorted(int(k) for k in psnr_by_count)
+    values = [psnr_by_count[str(k)] for k in counts]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(counts, values, marker="o", color="tab:blue")
+    for k, v in zip(counts, values):
+        ax.annotate(f"{v:.2f}", (k, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if full_psnr is not None:
+        ax.axhline(full_psnr, color="gray", linestyle="--", linewidth=0.8, label=f"all tokens ({full_psnr:.2f} dB)")
+        ax.legend()
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts, [str(k) for k in counts])
+    ax.set_xlabel("tokens decoded (first k of the sequence)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("reconstruction quality against number of tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

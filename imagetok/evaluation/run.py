@@ -24,7 +24,7 @@ from imagetok.errors import ConfigValueError, check
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference, save_reference
 from imagetok.evaluation.inception import InceptionFeatures
-from imagetok.evaluation.plots import plot_rank_frequency, plot_usage_histograms
+from imagetok.evaluation.plots import plot_psnr_vs_tokens, plot_rank_frequency, plot_usage_histograms
 from imagetok.evaluation.tokens import token_statistics
 from imagetok.quantizers._utils import all_reduce_sum
 from imagetok.tokenizer import Tokenizer
@@ -86,6 +86,29 @@ def validate_eval_config(e: DictConfig) -> None:
         check("fid" in e.metrics, "eval.save_reference", e.save_reference, "null unless 'fid' is in eval.metrics")
 
 
+def prefix_lengths(tokenizer: Tokenizer, num_tokens: Any) -> list[int]:
+    """Token counts ``k`` at which ``eval.num_tokens`` asks for the PSNR of ``decode(ids[:, :k])``: ``null``
+    picks the powers of two below ``N`` and ``N`` for a variable-length 1D tokenizer (none otherwise),
+    ``[]`` turns it off, a list is taken as given (each in ``1..N``, 1D tokenizers only)."""
+    if num_tokens is None:
+        if not tokenizer.variable_length:
+            return []
+        n = tokenizer.encoder.num_latent_tokens
+        return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+    counts = [int(k) for k in num_tokens]
+    if counts and not tokenizer.is_sequence:
+        raise ConfigValueError("eval.num_tokens", counts, "null or [] for a tokenizer whose tokens form a grid "
+                               "(prefixes of tokens decode only for 1D latent-token tokenizers)")
+    n = tokenizer.encoder.num_latent_tokens if counts else 0
+    check(all(1 <= k <= n for k in counts), "eval.num_tokens", counts, f"token counts in [1, {n}]")
+    return sorted(set(counts))
+
+
+def _to_unit(recon: torch.Tensor, round_to_uint8: bool) -> torch.Tensor:
+    """Reconstruction in [-1, 1] -> [0, 1], rounded through uint8 when the protocol says so."""
+    return Tokenizer.to_uint8(recon).float() / 255 if round_to_uint8 else (recon.clamp(-1, 1) + 1) / 2
+
+
 def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on the ``cfg.data`` validation split; writes ``metrics.json``,
     ``summary.md``, ``reconstructions.png``, ``codebook_usage.png`` and ``token_rank_frequency.png``
@@ -126,6 +149,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     stats_real = FeatureStatistics(inception.dim) if inception else None
     stats_fake = FeatureStatistics(inception.dim) if inception else None
     usage = CodebookUsage(tokenizer.codebook_sizes).to(device)
+    prefixes = prefix_lengths(tokenizer, e.get("num_tokens"))
+    prefix_psnr = {k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for k in prefixes}
     lpips_sum, seen, grid = 0.0, 0, None
 
     with torch.no_grad(), tqdm(total=len(loader.dataset), desc=f"evaluate (rank {rank}/{world})" if world > 1
@@ -149,6 +174,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 stats_real.update(inception(real_u8 if real_u8 is not None else Tokenizer.to_uint8(images)))
                 stats_fake.update(inception(fake_u8 if fake_u8 is not None else Tokenizer.to_uint8(recon)))
             usage.update(quant.indices)
+            for k, metric in prefix_psnr.items():  # the first k tokens alone, as a variable-length decoder takes them
+                metric.update(_to_unit(tokenizer.decode(quant.indices[:, :k]), e.round_to_uint8), real)
             if grid is None:
                 grid = reconstruction_grid(images[:8].cpu(), recon[:8].cpu())
             seen += images.shape[0]
@@ -182,6 +209,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
                            inception=inception.weights_identity, layer=inception.feature_layer)
             results["saved_reference"] = str(e.save_reference)
+    if prefix_psnr:
+        results["psnr_vs_tokens"] = {str(k): float(metric.compute()) for k, metric in prefix_psnr.items()}
     per_codebook = [c.cpu() for c in usage.per_codebook()]
     token_stats = [token_statistics(c) for c in per_codebook]
     if "tokens" in wanted:
@@ -201,6 +230,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "ssim": "torchmetrics SSIM, gaussian window 11, sigma 1.5, data range 1, mean over the whole map (reflect-padded borders)" if ssim is not None else None,
         "psnr": "mean over images of per-image PSNR, data range 1 (torchmetrics)" if psnr is not None else None,
         "codebook_usage": "distinct codes over the whole split / codebook size, per sub-codebook (exact counts)",
+        "psnr_vs_tokens": ("PSNR as above of decode(encode(x)[:, :k]): the first k tokens of each 1D sequence"
+                           if prefix_psnr else None),
         "versions": _versions(), "seed": cfg.seed}
 
     results["protocol"]["world_size"] = world
@@ -211,9 +242,12 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     save_image(grid, run_dir / "reconstructions.png")
     plot_usage_histograms(per_codebook, run_dir / "codebook_usage.png")
     plot_rank_frequency(per_codebook, [s["zipf_exponent"] for s in token_stats], run_dir / "token_rank_frequency.png")
+    written = ["metrics.json", "summary.md", "reconstructions.png", "codebook_usage.png", "token_rank_frequency.png"]
+    if prefix_psnr:
+        plot_psnr_vs_tokens(results["psnr_vs_tokens"], results.get("psnr"), run_dir / "psnr_vs_tokens.png")
+        written.append("psnr_vs_tokens.png")
     log.info("\n%s", summary_table(results))
-    log.info("wrote %s", ", ".join(str(run_dir / n) for n in ("metrics.json", "summary.md", "reconstructions.png",
-                                                             "codebook_usage.png", "token_rank_frequency.png")))
+    log.info("wrote %s", ", ".join(str(run_dir / n) for n in written))
     return results
 
 
@@ -230,6 +264,8 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append((f"sub-codebook {k} ({s['codebook_size']} codes)",
                      f"usage {100 * s['usage']:.1f}%, perplexity {s['perplexity']:.1f}, "
                      f"entropy {s['entropy_bits']:.2f} bits, Zipf s={zipf}"))
+    for k, value in results.get("psnr_vs_tokens", {}).items():
+        rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f}"))
     rows.append(("weights", p["weights"]))
     if p["inception"]:
         rows.append(("FID reference", p["fid_reference"]))

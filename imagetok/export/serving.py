@@ -1,5 +1,5 @@
 """``torch.export`` programs of ``encode`` and ``decode`` for serving without the imagetok package:
-``encode.pt2`` maps float images ``[B, 3, H, W]`` in [-1, 1] to int64 indices ``[B, h, w, K]`` and
+``encode.pt2`` maps float images ``[B, 3, H, W]`` in [-1, 1] to int64 indices ``[B, *token_shape]`` (``[B, h, w, K]``, or ``[B, N, K]`` for 1D tokens) and
 ``decode.pt2`` maps indices back to images in about [-1, 1]. Shapes are fixed to the example batch."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class _Decode(nn.Module):
         self.tokenizer = tokenizer
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.decode_latents(self.tokenizer.quantizer.indices_to_latents(indices))
+        return self.tokenizer.decode_latents(self.tokenizer.indices_to_latents(indices))
 
 
 def export_programs(tokenizer: Tokenizer, example_images: torch.Tensor) -> dict[str, torch.export.ExportedProgram]:

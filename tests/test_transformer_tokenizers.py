@@ -206,3 +206,17 @@ def test_variable_length_quality_rises_with_every_prefix_and_evaluate_plots_it(c
     assert psnr[-1] == results["psnr"]  # all tokens: exactly the full reconstruction
     assert (tmp_path / "eval" / "psnr_vs_tokens.png").stat().st_size > 0
     assert "PSNR, first 4 tokens" in (tmp_path / "eval" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("overrides,key,allowed", [
+    (["experiment=cpu_vit_vqgan", "data.image_size=30"], "data.image_size", "downsampling factor 4 (encoder.patch_size=4)"),
+    (["experiment=cpu_titok", "encoder.num_latent_tokens=0"], "encoder.num_latent_tokens", "positive integer"),
+    (["experiment=cpu_flextok", "decoder.token_drop=random"], "decoder.token_drop", "'pow2'"),
+    (["experiment=cpu_vit_vqgan", "encoder.pos_embed=sincos"], "encoder.pos_embed", "'rope'"),
+])
+def test_bad_transformer_values_name_key_and_allowed_values(compose_config, overrides, key, allowed):
+    from imagetok.training.run import build
+
+    with pytest.raises(ConfigValueError) as err:
+        build(compose_config(overrides))
+    assert err.value.key == key and allowed in str(err.value)

@@ -14,12 +14,15 @@ SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed")
 
 
 def validate_config(cfg: DictConfig) -> None:
-    ch_mult = list(cfg.encoder.get("ch_mult", [1]))
-    factor = 2 ** (len(ch_mult) - 1)
+    if "patch_size" in cfg.encoder:  # ViT-style encoders downsample by their patch size
+        factor, why = cfg.encoder.patch_size, f"encoder.patch_size={cfg.encoder.patch_size}"
+    else:
+        ch_mult = list(cfg.encoder.get("ch_mult", [1]))
+        factor, why = 2 ** (len(ch_mult) - 1), f"2**(len(encoder.ch_mult)-1) with encoder.ch_mult={ch_mult}"
     size = cfg.data.image_size
     check(isinstance(size, int) and size > 0 and size % factor == 0, "data.image_size", size,
-          f"a multiple of the encoder's downsampling factor {factor} (2**(len(encoder.ch_mult)-1) "
-          f"with encoder.ch_mult={ch_mult}), e.g. {max(factor, (size // factor) * factor) if isinstance(size, int) else factor}")
+          f"a multiple of the encoder's downsampling factor {factor} ({why}), "
+          f"e.g. {max(factor, (size // factor) * factor) if isinstance(size, int) else factor}")
     max_steps = cfg.trainer.get("max_steps", -1)
     check(isinstance(max_steps, int) and max_steps >= 1, "trainer.max_steps", max_steps, "an integer >= 1")
     precision = str(cfg.trainer.get("precision", "32-true"))

@@ -3,19 +3,24 @@ median time and peak extra memory at 256 tokens x batch 8 (input ``[8, C, 16, 16
 per case, with ``speed_ratio = vqp_ms / imagetok_ms`` (> 1: imagetok faster) and
 ``memory_ratio = imagetok_peak_mb / vqp_peak_mb`` (< 1: imagetok smaller).
 
-    python benchmarks/quantizers.py [--families vq,rq,fsq,lfq,bsq] [--sizes 10,14,16,18,128]
+    python benchmarks/quantizers.py [--families vq,vq256,rq,fsq,lfq,bsq] [--sizes 10,14,16,18,128]
                                     [--repeats 5] [--threads 2] [--cap-gib 6] [--markdown]
 
 Each side of each case runs in its own subprocess (so the peak resident set belongs to that case
 alone), training mode, loss ``z_q.sum() + aux_loss``, ``torch`` threads fixed. A subprocess may map at
 most ``--cap-gib`` GiB more than after its imports: a case that needs more is reported as failing
 (with the allocator's message) instead of exhausting a shared machine. The vqp columns are left out
-when vector-quantize-pytorch is not installed (``pip install -e ".[benchmark]"``); families whose
+when vector-quantize-pytorch is not installed (``pip install -e ".[bench]"``); families whose
 imagetok module is not present are skipped with a note.
 
 Settings are equal on both sides: same dim and codebook size, EMA codebook (decay 0.99), commitment
-weight 0.25, no k-means; FSQ without projections; LFQ/BSQ with commitment 0.25 and the entropy loss
-(weight 0.1) on, as each library computes it (vqp over the full codebook).
+weight 0.25, no k-means, plain straight-through gradients (vqp's rotation trick off); FSQ without
+projections; LFQ/BSQ without projections, commitment 0.25, entropy loss weight 0.1, diversity gamma 1,
+the same inverse temperature (LFQ 100, BSQ 1), each computing the entropy as it does: vqp exactly over
+all ``2^d`` codes (a ``[tokens, 2^d]`` distribution), imagetok's per-sample entropy exactly from the
+per-bit factorisation and its codebook entropy over groups of bits (exact for 2^10, an upper bound
+from groups of 7, 8, 9 and 8 bits for 2^14, 2^16, 2^18, 2^128; see ``imagetok/quantizers/_binary.py``).
+imagetok emits one sub-token per position up to 2^18 and 8 sub-tokens of 16 bits for 2^128.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ FAMILIES = {
     "lfq": ([10, 14, 16, 18, 128], lambda log2: log2),
     "bsq": ([10, 14, 16, 18, 128], lambda log2: log2),
 }
+# both libraries' soft assignment softmax(inv_temperature * 2 c.x): MAGVIT-v2's 100 (vqp's default) for
+# LFQ, BSQ-ViT's 1 (imagetok's default) for BSQ
+INV_TEMPERATURE = {"lfq": 100.0, "bsq": 1.0}
 IMAGETOK_MODULES = {"vq": "vq", "vq256": "vq", "rq": "residual", "fsq": "fsq", "lfq": "lfq", "bsq": "bsq"}
 
 
@@ -54,11 +62,11 @@ def build_imagetok(family: str, log2: int, dim: int):
         from imagetok.quantizers.fsq import FiniteScalarQuantizer
         module = FiniteScalarQuantizer(dim=dim, levels=FSQ_LEVELS[log2])
     elif family == "lfq":
-        from imagetok.quantizers.lfq import LFQ
-        module = LFQ(dim=dim, **_binary_options(LFQ))
+        from imagetok.quantizers.lfq import LookupFreeQuantizer
+        module = LookupFreeQuantizer(dim=dim, bits=log2, **binary_options(family, log2))
     else:
-        from imagetok.quantizers.bsq import BSQ
-        module = BSQ(dim=dim, **_binary_options(BSQ))
+        from imagetok.quantizers.bsq import BinarySphericalQuantizer
+        module = BinarySphericalQuantizer(dim=dim, bits=log2, **binary_options(family, log2))
 
     def loss(z):
         out = module(z)
@@ -67,34 +75,41 @@ def build_imagetok(family: str, log2: int, dim: int):
     return module, loss
 
 
-def _binary_options(cls) -> dict:
-    """Commitment 0.25 and entropy weight 0.1, under whichever of the usual names ``cls`` takes."""
-    import inspect
-
-    names = inspect.signature(cls).parameters
-    wanted = {("beta", "commitment_weight"): 0.25, ("entropy_weight", "entropy_loss_weight"): 0.1}
-    return {next(n for n in keys if n in names): value for keys, value in wanted.items()
-            if any(n in names for n in keys)}
+def binary_options(family: str, log2: int) -> dict:
+    """imagetok LFQ/BSQ settings of a case: one sub-token per position up to 18 bits, 16-bit sub-tokens
+    beyond (2^128 as 8 x 2^16); the codebook entropy over the default groups (the largest divisor of
+    the bits up to 12: 2^10 exact, 2^14 as 2 x 7 bits, 2^16 as 2 x 8, 2^18 as 2 x 9, 2^128 as 16 x 8).
+    The weights and the inverse temperature are the ones vqp is given."""
+    return {"bits_per_token": log2 if log2 <= 18 else 16, "entropy_group_bits": None, "entropy_weight": 0.1,
+            "codebook_entropy_weight": 1.0, "commitment_weight": 0.25, "inv_temperature": INV_TEMPERATURE[family]}
 
 
 def build_vqp(family: str, log2: int, dim: int):
     """vector-quantize-pytorch's module for the same case and a function ``z -> scalar loss``."""
     import vector_quantize_pytorch as vqp
 
+    # plain straight-through as imagetok (vqp's default for dim > 1 is the rotation trick, extra work)
     if family in ("vq", "vq256"):
         module = vqp.VectorQuantize(dim=dim, codebook_size=2**log2, decay=0.99, commitment_weight=0.25,
-                                    accept_image_fmap=True)
+                                    accept_image_fmap=True, rotation_trick=False, kmeans_init=False)
     elif family == "rq":
+        # tokens channels last: vqp 1.32's ResidualVQ fails on image maps (accept_image_fmap=True) with
+        # "Sizes of tensors must match" when it stacks the residuals of the levels
         module = vqp.ResidualVQ(dim=dim, num_quantizers=4, codebook_size=2**log2, decay=0.99, commitment_weight=0.25,
-                                accept_image_fmap=True)
+                                rotation_trick=False, kmeans_init=False)
     elif family == "fsq":
         module = vqp.FSQ(levels=FSQ_LEVELS[log2], dim=dim, channel_first=True)
-    else:  # BSQ is vqp's LFQ with spherical=True
+    else:  # BSQ is vqp's LFQ with spherical=True: l2-normalised inputs and codes +-1/sqrt(d)
         module = vqp.LFQ(dim=dim, codebook_size=2**log2, entropy_loss_weight=0.1, commitment_loss_weight=0.25,
-                         spherical=family == "bsq")
+                         diversity_gamma=1.0, spherical=family == "bsq", channel_first=True)
 
     def loss(z):
-        out = module(z)
+        if family in ("lfq", "bsq"):
+            out = module(z, inv_temperature=INV_TEMPERATURE[family])
+        elif family == "rq":
+            out = module(z.flatten(2).transpose(1, 2))  # [B, C, h, w] -> [B, h*w, C]
+        else:
+            out = module(z)
         aux = out[2].sum() if len(out) > 2 else 0.0  # FSQ returns (quantized, indices) only
         return out[0].sum() + aux
 
@@ -125,7 +140,11 @@ def run_case(side: str, family: str, log2: int, repeats: int, threads: int, cap_
     module.train()
     z = torch.randn(BATCH, dim, SIDE, SIDE, requires_grad=True)
     ms = median_ms(lambda: step(loss_fn, z), repeats, warmup=1)
-    return {"ms": round(ms, 2), "peak_mb": round(max(0.0, peak_rss_mb() - base), 1)}
+    result = {"ms": round(ms, 2), "peak_mb": round(max(0.0, peak_rss_mb() - base), 1)}
+    if side == "imagetok" and family in ("lfq", "bsq"):
+        result["setting"] = (f"{module.num_tokens} x 2^{module.bits_per_token} sub-tokens, entropy over "
+                             f"{module.bits // module.entropy_group_bits} x {module.entropy_group_bits} bits")
+    return result
 
 
 def vqp_supports(family: str, log2: int) -> str | None:
@@ -142,6 +161,8 @@ def compare(family: str, log2: int, args: argparse.Namespace, with_vqp: bool) ->
             "dim": FAMILIES[family][1](log2), "tokens": BATCH * SIDE * SIDE}
     ours = run_in_subprocess(__file__, ["--case", "imagetok", family, str(log2), *common], args.timeout)
     line["imagetok_ms"], line["imagetok_peak_mb"] = ours.get("ms"), ours.get("peak_mb")
+    if "setting" in ours:
+        line["imagetok_setting"] = ours["setting"]
     if "error" in ours:
         line["imagetok_error"] = ours["error"]
     if not with_vqp:
@@ -163,13 +184,14 @@ def _codes(family: str, log2: int) -> int:
 
 
 def markdown(lines: list[dict]) -> str:
-    rows = ["| family | codebook | dim | imagetok ms | vqp ms | speed ratio | imagetok MB | vqp MB | memory ratio |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| family | codebook | dim | imagetok ms | vqp ms | speed ratio | imagetok MB | vqp MB | memory ratio | imagetok setting |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in lines:
         vqp_ms = r.get("vqp_ms") if "vqp_error" not in r else "fails"
-        rows.append(f"| {r['family']} | {r['codebook']} | {r['dim']} | {r.get('imagetok_ms', 'fails')} | "
+        rows.append(f"| {r['family']} | {r['codebook']} | {r['dim']} | {r.get('imagetok_ms') or 'fails'} | "
                     f"{vqp_ms if vqp_ms is not None else '-'} | {r.get('speed_ratio', '-')} | "
-                    f"{r.get('imagetok_peak_mb', '-')} | {r.get('vqp_peak_mb') or '-'} | {r.get('memory_ratio', '-')} |")
+                    f"{r.get('imagetok_peak_mb', '-')} | {r.get('vqp_peak_mb') or '-'} | {r.get('memory_ratio', '-')} | "
+                    f"{r.get('imagetok_setting', '')} |")
     return "\n".join(rows)
 
 

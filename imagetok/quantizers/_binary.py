@@ -13,8 +13,11 @@ to enumerate for ``d = 128``, so nothing here ever builds a ``2^d`` tensor:
   batch-mean distribution) does not factorise; it is approximated by splitting the bits into groups of
   ``entropy_group_bits`` and summing the exact entropies of each group's batch-mean distribution over
   its ``2^g`` sub-codes. By subadditivity this sum is an **upper bound** of the joint codebook entropy,
-  equal to it when one group covers all bits (or when groups are independent). Memory is
-  ``T x (d/g) x 2^g`` floats for ``T`` tokens, independent of ``2^d``.
+  equal to it when one group covers all bits (or when groups are independent). Within a group the
+  bits are independent given ``x`` too, so the ``2^g`` table is never built per token: each half of
+  the group's bits gets its distribution over ``2^(g/2)`` sub-codes, and the batch mean of their
+  product is one matrix product per group (``mean_t p_lo[t]^T p_hi[t]``). Memory is
+  ``T x (d/g) x 2 x 2^(g/2)`` floats for ``T`` tokens (plus ``(d/g) x 2^g``), independent of ``2^d``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
 MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare
-DENSE_COUNT_LIMIT = 2**20  # larger sub-codebooks are counted with torch.unique instead of bincount
 
 
 def bits_to_subtokens(bits: torch.Tensor, bits_per_token: int) -> torch.Tensor:
@@ -48,8 +50,10 @@ def subtokens_to_bits(indices: torch.Tensor, bits_per_token: int) -> torch.Tenso
 
 def binary_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of Bernoulli(sigmoid(logits)), elementwise, stable for large ``|logits|``."""
-    p = torch.sigmoid(logits)
-    return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+    # H is even in the logit; with a = |l| it is softplus(-a) + a sigmoid(-a): two non-negative
+    # terms, no cancellation (softplus(l) - l sigmoid(l) would lose it all for large l)
+    a = logits.abs()
+    return F.softplus(-a) + a * torch.sigmoid(-a)
 
 
 def group_code_bits(group_bits: int) -> torch.Tensor:
@@ -64,21 +68,31 @@ def soft_entropies(logits: torch.Tensor, group_bits: int, codes: torch.Tensor | 
     entropy of ``p(c|x)`` (sum of per-bit binary entropies); ``codebook`` ``[d / g]`` holds, per group
     of ``g`` bits, the exact entropy of the batch-mean distribution over the group's ``2^g``
     sub-codes. ``codebook.sum()`` upper-bounds the joint codebook entropy (see module docstring).
+    ``codes``: ``group_code_bits(ceil(g / 2))``, passed in to avoid rebuilding it every step.
     """
     t, d = logits.shape
-    codes = group_code_bits(group_bits).to(logits) if codes is None else codes  # [2^g, g]
+    n, lo = d // group_bits, group_bits // 2  # groups; bits of a group's lower half (the upper has g - lo)
+    codes = group_code_bits(group_bits - lo).to(logits) if codes is None else codes  # [2^hi, hi]
     per_sample = binary_entropy(logits).sum(-1).mean()
-    # log p(c | x) within a group = sum_i c_i l_i - sum_i softplus(l_i): a softmax over the sub-codes
-    grouped = logits.reshape(t, d // group_bits, group_bits)  # [T, n, g]
-    probs = torch.softmax(grouped @ codes.t(), dim=-1)  # [T, n, 2^g]
-    mean_probs = probs.mean(0)  # [n, 2^g]
+    grouped = logits.reshape(t, n, group_bits)  # [T, n, g]
+    # log p(c | x) over a half's sub-codes = sum_i c_i l_i + const: a softmax over 2^(g/2) entries
+    p_hi = torch.softmax(grouped[..., lo:] @ codes.t(), dim=-1)  # [T, n, 2^hi]
+    if lo == 0:
+        mean_probs = p_hi.mean(0)  # [n, 2]
+    else:
+        # the first 2^lo rows of the upper half's codes are the lower half's codes (high bits 0)
+        p_lo = torch.softmax(grouped[..., :lo] @ codes[: 2**lo, :lo].t(), dim=-1)  # [T, n, 2^lo]
+        # batch mean of the product distribution, sub-code a + 2^lo * b: one GEMM per group
+        mean_probs = torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).reshape(n, 2**group_bits) / t  # [n, 2^g]
     codebook = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum(-1)
     return per_sample, codebook
 
 
 def count_statistics(indices: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
     """Usage (distinct codes / size), perplexity and entropy (bits) of one sub-token's ``[T]`` indices."""
-    counts = (torch.bincount(indices, minlength=size) if size <= DENSE_COUNT_LIMIT
+    # a histogram over all `size` codes only when it is no larger than the batch: for 2^16-2^18 codes
+    # and 2048 tokens, filling (and first touching) the dense table costs more than sorting the tokens
+    counts = (torch.bincount(indices, minlength=size) if size <= indices.numel()
               else torch.unique(indices, return_counts=True)[1])
     probs = counts.float() / counts.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
@@ -99,8 +113,9 @@ class BinaryQuantizer(Quantizer):
         bits: number of binary dimensions ``d`` (implicit codebook of ``2^d`` codes).
         bits_per_token: bits per emitted sub-token ``b`` (divides ``bits``, at most 62); null = ``bits``.
         entropy_group_bits: bits per group of the codebook-entropy estimate ``g`` (divides ``bits``, at
-            most 16); memory of the estimate is ``T x (d/g) x 2^g``. Null = ``min(b, 12)`` if that
-            divides ``bits``, else 1.
+            most 16); memory of the estimate is about ``T x (d/g) x 2^(g/2 + 1)`` floats. Null = the
+            largest divisor of ``bits`` not above ``min(b, 12)`` (18 bits as one token: 9; 128 bits as
+            16-bit tokens: 8).
         entropy_weight: weight of the entropy loss ``H_sample - codebook_entropy_weight * H_codebook``.
         codebook_entropy_weight: the papers' ``gamma``, weight of the codebook (diversity) term.
         commitment_weight: weight of the commitment loss ``mean((v - sg(q))^2)``.
@@ -121,7 +136,10 @@ class BinaryQuantizer(Quantizer):
         check(isinstance(bits_per_token, int) and 1 <= bits_per_token <= MAX_TOKEN_BITS and bits % bits_per_token == 0,
               "bits_per_token", bits_per_token, f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16)")
         if entropy_group_bits is None:
-            entropy_group_bits = min(bits_per_token, 12) if bits % min(bits_per_token, 12) == 0 else 1
+            # the largest group that divides the bits: falling back to 1 (fully factorised) would lose
+            # every within-group correlation, e.g. for 14 or 18 bits as a single token
+            cap = min(bits_per_token, 12)
+            entropy_group_bits = max(g for g in range(1, cap + 1) if bits % g == 0)
         check(isinstance(entropy_group_bits, int) and 1 <= entropy_group_bits <= 16 and bits % entropy_group_bits == 0,
               "entropy_group_bits", entropy_group_bits, f"a divisor of bits={bits} in [1, 16]")
         for key, value in (("entropy_weight", entropy_weight), ("codebook_entropy_weight", codebook_entropy_weight),
@@ -136,7 +154,8 @@ class BinaryQuantizer(Quantizer):
         projected = dim != bits
         self.project_in = nn.Linear(dim, bits) if projected else nn.Identity()
         self.project_out = nn.Linear(bits, dim) if projected else nn.Identity()
-        self.register_buffer("_group_codes", group_code_bits(entropy_group_bits), persistent=False)
+        # sub-codes of the upper half of an entropy group (soft_entropies)
+        self.register_buffer("_group_codes", group_code_bits(entropy_group_bits - entropy_group_bits // 2), persistent=False)
         # moving average of P(bit = 1) over training steps: the one piece of state, summed over ranks
         self.register_buffer("bit_mean", torch.full((bits,), 0.5))
 

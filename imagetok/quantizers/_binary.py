@@ -30,6 +30,7 @@ from torch import nn
 
 from imagetok.errors import ConfigValueError, check
 from imagetok.quantizers import _utils as U
+from imagetok.quantizers._utils import count_statistics
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
 MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare
@@ -86,18 +87,6 @@ def soft_entropies(logits: torch.Tensor, group_bits: int, codes: torch.Tensor | 
         mean_probs = torch.bmm(p_hi.permute(1, 2, 0), p_lo.transpose(0, 1)).reshape(n, 2**group_bits) / t  # [n, 2^g]
     codebook = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum(-1)
     return per_sample, codebook
-
-
-def count_statistics(indices: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
-    """Usage (distinct codes / size), perplexity and entropy (bits) of one sub-token's ``[T]`` indices."""
-    # a histogram over all `size` codes only when it is no larger than the batch: for 2^16-2^18 codes
-    # and 2048 tokens, filling (and first touching) the dense table costs more than sorting the tokens
-    counts = (torch.bincount(indices, minlength=size) if size <= indices.numel()
-              else torch.unique(indices, return_counts=True)[1])
-    probs = counts.float() / counts.sum().clamp_min(1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-    return {"batch_usage": (counts > 0).float().sum() / size, "perplexity": entropy.exp(),
-            "entropy_bits": entropy / math.log(2)}
 
 
 class BinaryQuantizer(Quantizer):

@@ -4,6 +4,7 @@ k-means and codebook statistics."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -89,6 +90,20 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code distribution given by ``counts`` ``[K]``; K when uniform, 1 when collapsed."""
     probs = counts.float() / counts.sum().clamp_min(1)
     return torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
+
+
+def count_statistics(indices: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
+    """Usage (distinct codes / size), perplexity and entropy (bits) of one sub-token's ``[T]`` indices."""
+    total = max(1, indices.numel())
+    if size <= indices.numel():  # a dense histogram, no host sync
+        probs = torch.bincount(indices, minlength=size).float() / total
+        usage = (probs > 0).float().sum() / size
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    else:  # larger codebooks: count the batch's codes only (every count > 0), fewer and smaller ops
+        probs = torch.unique(indices, return_counts=True)[1].float() / total
+        usage = probs.new_tensor(probs.numel() / size)
+        entropy = -(probs * probs.log()).sum()
+    return {"batch_usage": usage, "perplexity": entropy.exp(), "entropy_bits": entropy / math.log(2)}
 
 
 def world_size() -> int:

@@ -50,21 +50,26 @@ class FiniteScalarQuantizer(Quantizer):
         # constants as buffers so they follow .to(device); not saved (they derive from `levels`)
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+        # the bound's constants, computed once: a step of FSQ is a handful of small elementwise ops
+        levels_t = torch.tensor(levels, dtype=torch.float32)
+        half = (levels_t - 1) * (1 + eps) / 2
+        offset = torch.where(levels_t % 2 == 0, 0.5, 0.0)
+        self.register_buffer("_half", half, persistent=False)
+        self.register_buffer("_offset", offset, persistent=False)
+        self.register_buffer("_shift", torch.atanh(offset / half), persistent=False)
+        self.register_buffer("_half_width_t", torch.div(levels_t, 2, rounding_mode="floor"), persistent=False)
 
     @property
     def codebook_sizes(self) -> list[int]:
         return [self.size]
 
     def _half_width(self) -> torch.Tensor:
-        return torch.div(self._levels, 2, rounding_mode="floor")  # L // 2 per channel
+        return self._half_width_t  # L // 2 per channel
 
     def _bound(self, x: torch.Tensor) -> torch.Tensor:
         """Squash ``x`` ``[T, d]`` so that rounding gives exactly ``L`` integer values per channel,
         ``-(L // 2) .. L - 1 - L // 2`` (even ``L`` are shifted by half a step to stay symmetric)."""
-        half = (self._levels - 1) * (1 + self.eps) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half)
-        return torch.tanh(x + shift) * half - offset
+        return torch.tanh(x + self._shift) * self._half - self._offset
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         tokens, restore = U.to_tokens(z)
@@ -77,8 +82,7 @@ class FiniteScalarQuantizer(Quantizer):
             digits = (rounded + self._half_width()).long()  # [T, d], digit i in [0, levels[i])
             idx = (digits * self._basis).sum(-1)
             out = self.project_out(q / self._half_width())
-        counts = torch.bincount(idx, minlength=self.size) if self.size <= 2**24 else torch.unique(idx, return_counts=True)[1]
-        metrics = {"perplexity": U.perplexity(counts), "batch_usage": (counts > 0).float().sum() / self.size}
+        metrics = U.count_statistics(idx, self.size)  # batch usage, perplexity, entropy in bits
         return QuantizerOutput(z_q=restore(out), indices=idx.reshape(*U.index_shape(z), 1),
                                loss=z.new_zeros(()).float(), metrics=metrics)
 

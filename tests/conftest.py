@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -30,3 +32,29 @@ def compose_config() -> Callable[[Sequence[str]], DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, for files of tiny models: on 2 shared cores a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_recipe(compose_config, tmp_path: Path, overrides: Sequence[str], steps: int):
+    """Train a recipe for ``steps`` generator steps; check the run finished with a finite held-out
+    PSNR and that ``decode(encode(x))`` equals the eval-mode reconstruction exactly. Returns
+    ``(run, tokenizer in eval mode, a validation batch, its tokens)``."""
+    from imagetok.training.run import train
+
+    run = train(compose_config(list(overrides)), tmp_path)
+    assert run.trainer.global_step == steps and math.isfinite(run.summary["last_validation"]["val/psnr"])
+    tok = run.module.eval_tokenizer.eval()
+    images = next(iter(run.datamodule.val_dataloader()))
+    ids = tok.encode(images)
+    assert all(int(ids[..., k].max()) < size for k, size in enumerate(tok.codebook_sizes)) and int(ids.min()) >= 0
+    with torch.no_grad():
+        assert torch.equal(tok.decode(ids), tok(images)[0])
+    return run, tok, images, ids

@@ -12,24 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_recipe
 from imagetok.errors import ConfigValueError
 from imagetok.quantizers._binary import bits_to_subtokens, count_statistics, subtokens_to_bits
 from imagetok.quantizers.bsq import BinarySphericalQuantizer
 from imagetok.quantizers.lfq import LookupFreeQuantizer
-from imagetok.training.run import train
 from test_train_variants import SAMPLE, TINY
 
 FAMILIES = [LookupFreeQuantizer, BinarySphericalQuantizer]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the 2 shared cores, a second thread of these tiny models mostly waits to be
-    scheduled (the recipes train about 10x slower with 2 threads under load, and no faster idle)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _all_codes(d: int) -> torch.Tensor:
@@ -225,13 +218,6 @@ def test_bad_sub_token_and_group_sizes_are_clear_config_errors(cls):
 
 @pytest.mark.parametrize("recipe,k", [("cpu_lfq", 2), ("cpu_bsq", 2), ("cpu_bsq128", 8)])
 def test_recipes_train_end_to_end(compose_config, tmp_path, recipe, k):
-    cfg = compose_config([f"experiment={recipe}", *TINY, *SAMPLE, "trainer.max_steps=6", "loss.disc_start=3"])
-    run = train(cfg, tmp_path)
-    tok = run.module.eval_tokenizer.eval()
-    assert run.trainer.global_step == 6 and math.isfinite(run.summary["last_validation"]["val/psnr"])
-    images = next(iter(run.datamodule.val_dataloader()))
-    ids = tok.encode(images)
+    _, tok, images, ids = train_recipe(compose_config, tmp_path, [f"experiment={recipe}", *TINY, *SAMPLE,
+                                                                   "trainer.max_steps=6", "loss.disc_start=3"], 6)
     assert ids.shape == (images.shape[0], 8, 8, k) and len(tok.codebook_sizes) == k
-    assert int(ids.max()) < tok.codebook_sizes[0]
-    with torch.no_grad():
-        assert torch.equal(tok.decode(ids), tok(images)[0])

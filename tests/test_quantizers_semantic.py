@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_recipe
 from imagetok.errors import ConfigValueError, MissingWeightsError
 from imagetok.losses.discriminator import PatchGANDiscriminator
 from imagetok.losses.semantic import SemanticAlignmentLoss
@@ -16,7 +17,6 @@ from imagetok.losses.vqgan import VQGANLoss
 from imagetok.nets.teachers import RandomCNNTeacher, TorchvisionTeacher
 from imagetok.quantizers.dual import DualCodebookQuantizer, shared_nearest_code
 from imagetok.quantizers.factorized import FactorizedVectorQuantizer, squared_cosine_overlap
-from imagetok.training.run import train
 from test_train_variants import SAMPLE, TINY
 
 TRAINING = {"codebook_update": "ema", "kmeans_init_batches": 2, "dead_code_threshold": 2.0, "l2_normalize": False}
@@ -189,15 +189,9 @@ def test_torchvision_teacher_loads_a_local_file_and_missing_weights_is_one_line(
 
 @pytest.mark.parametrize("recipe,k", [("cpu_fqgan", 2), ("cpu_tokenflow", 1), ("cpu_dualtoken", 2)])
 def test_recipes_train_end_to_end(compose_config, tmp_path, recipe, k):
-    cfg = compose_config([f"experiment={recipe}", *TINY, *SAMPLE, "trainer.max_steps=8", "loss.disc_start=4",
-                          "quantizer.codebook_size=64"])
-    run = train(cfg, tmp_path)
-    assert run.trainer.global_step == 8 and math.isfinite(run.summary["last_validation"]["val/psnr"])
-    tok = run.module.eval_tokenizer.eval()
-    images = next(iter(run.datamodule.val_dataloader()))
-    ids = tok.encode(images)
+    run, tok, images, ids = train_recipe(compose_config, tmp_path, [f"experiment={recipe}", *TINY, *SAMPLE,
+                                                                     "trainer.max_steps=8", "loss.disc_start=4",
+                                                                     "quantizer.codebook_size=64"], 8)
     assert ids.shape[-1] == k == len(tok.codebook_sizes)
-    with torch.no_grad():
-        assert torch.equal(tok.decode(ids), tok(images)[0])
     logged = run.trainer.logged_metrics
     assert any(key.startswith("train/semantic") for key in logged), sorted(logged)

@@ -35,8 +35,13 @@ class EMA(nn.Module):
         self.num_updates += 1
         n = int(self.num_updates)
         decay = min(self.decay, (1 + n) / (10 + n))
-        ema_params = list(self.module.parameters())
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        by_kind: dict[type, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            # one foreach call per tensor kind: a sharded (FSDP2 DTensor) and a plain tensor cannot share one
+            group = by_kind.setdefault(type(e), ([], []))
+            group[0].append(e)
+            group[1].append(p.detach().to(e.dtype))
+        for ema_params, params in by_kind.values():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)

@@ -31,7 +31,7 @@ from imagetok.training.ema import EMA
 from imagetok.training.rank_sync import unsynced_state
 from imagetok.training.schedule import lr_lambda
 from imagetok.training.strategy import (average_replicated_gradients, clip_gradient_norm, gradient_norm,
-                                        shard_network, shard_tokenizer, update_sharded_ema)
+                                        shard_network, shard_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,7 @@ class TokenizerTrainingModule(L.LightningModule):
         logs["lr"] = torch.tensor(sched_g.get_last_lr()[0])  # the rate this step used
         sched_g.step()
         if self.ema is not None:
-            if self._sharded:
-                update_sharded_ema(self.ema, self.tokenizer)
-            else:
-                self.ema.update(self.tokenizer)
+            self.ema.update(self.tokenizer)
 
         if self.loss.discriminator_active(step):
             if step == getattr(self.loss, "disc_start", 0):

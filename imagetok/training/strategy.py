@@ -161,19 +161,3 @@ def clip_gradient_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> t
             if group:
                 torch._foreach_mul_(group, scale)
     return norm
-
-
-@torch.no_grad()
-def update_sharded_ema(ema, model: nn.Module) -> None:
-    """``EMA.update`` (training/ema.py) for sharded networks: the same average, one foreach call per kind
-    of tensor, since EMA.update's single call cannot mix DTensor shards and plain tensors."""
-    ema.num_updates += 1
-    n = int(ema.num_updates)
-    decay = min(ema.decay, (1 + n) / (10 + n))
-    pairs = [(e, p.detach().to(e.dtype)) for e, p in zip(ema.module.parameters(), model.parameters())]
-    for sharded in (True, False):
-        group = [(e, p) for e, p in pairs if isinstance(e, DTensor) == sharded]
-        if group:
-            torch._foreach_lerp_([e for e, _ in group], [p for _, p in group], 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.module.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)

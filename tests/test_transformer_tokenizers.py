@@ -215,3 +215,14 @@ def test_bad_transformer_values_name_key_and_allowed_values(compose_config, over
     with pytest.raises(ConfigValueError) as err:
         build(compose_config(overrides))
     assert err.value.key == key and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("recipe,encoder_m,tokens", [("vit_vqgan_b", 86.0, (32, 32, 1)), ("titok_l32", 303.4, (32, 1))])
+def test_paper_scale_recipes_compose_to_their_sizes(compose_config, recipe, encoder_m, tokens):
+    from imagetok.training.run import tokenizer_config
+
+    config = tokenizer_config(compose_config([f"experiment={recipe}"]))
+    with torch.device("meta"):  # sizes without allocating hundreds of MB
+        tok = Tokenizer.from_config(config)
+    assert round(sum(p.numel() for p in tok.encoder.parameters()) / 1e6, 1) == encoder_m
+    assert tok.token_shape(256) == tokens

@@ -1,6 +1,7 @@
 """Train a tokenizer: ``python train.py [group=option ...] [key=value ...]`` (see README)."""
 
 import logging
+import os
 import sys
 
 import hydra
@@ -10,7 +11,7 @@ from omegaconf import DictConfig
 
 from imagetok.data.imagefolder import ImageLoadError
 from imagetok.errors import ConfigValueError, MissingWeightsError
-from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, requeued_by_slurm
+from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, resume_setting
 from imagetok.training.run import train
 
 
@@ -19,14 +20,16 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     log_file_on_rank_zero_only()
     try:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        if sweep:
             check_sweep_job(cfg.trainer)
-            if cfg.resume is None and requeued_by_slurm():
-                cfg.resume = "last"  # a requeued job reruns its original overrides; it must not start over
-            # resume=last in a sweep continues this job alone (a requeued SLURM job reruns in its own
-            # directory), never the newest checkpoint of some other run
-            if cfg.resume == "last":
-                cfg.resume_search_dir = hydra_cfg.runtime.output_dir
+        # A job requeued by SLURM reruns its original overrides and continues from its last checkpoint;
+        # resume=last in a sweep job looks in this job's own directory only (see resume_setting).
+        resume, search_dir = resume_setting(cfg.resume, cfg.resume_search_dir, hydra_cfg.runtime.output_dir, sweep)
+        if resume != cfg.resume:
+            logging.getLogger("imagetok").info("requeued by SLURM (restart %s): resume=last",
+                                               os.environ.get("SLURM_RESTART_COUNT"))
+        cfg.resume, cfg.resume_search_dir = resume, search_dir
         train(cfg, hydra_cfg.runtime.output_dir)
     except (ConfigValueError, MissingWeightsError, ImageLoadError) as err:
         logging.getLogger("imagetok").error("error: %s", err)

@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT
 from imagetok.errors import ConfigValueError
 from imagetok.tokenizer import Tokenizer
+from imagetok.training.checks import validate_config
 from imagetok.training.run import build
 from test_resume import _assert_same
 from test_train_variants import TINY
@@ -97,3 +98,12 @@ def test_fsdp_refuses_batch_norm_in_the_discriminator(compose_config):
     with pytest.raises(ConfigValueError) as err:
         build(compose_config(["trainer.strategy=fsdp", "loss.discriminator.norm=batch"]))
     assert err.value.key == "loss.discriminator.norm" and "with trainer.strategy=fsdp" in str(err.value)
+
+
+def test_fsdp_refuses_webdataset(compose_config):
+    """Its ranks run unequal numbers of validation batches, each an all-gather of the sharded EMA copy."""
+    with pytest.raises(ConfigValueError) as err:
+        build(compose_config(["trainer.strategy=fsdp", "data=webdataset"]))
+    assert err.value.key == "trainer.strategy" and err.value.value == "fsdp"
+    assert "trainer=ddp" in str(err.value) and "data=imagefolder" in str(err.value)
+    validate_config(compose_config(["trainer.strategy=ddp", "data=webdataset"]))  # DDP reads its own weights

@@ -7,14 +7,20 @@ generators, step counters and the data position (the next batch either run would
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
 from imagetok.data.sample import SampleDataModule
+from imagetok.training.module import TokenizerTrainingModule
+from imagetok.training.run import train
+from imagetok.training.schedule import lr_lambda
 from test_train_variants import SAMPLE, TINY
 
 N = 4
@@ -79,3 +85,34 @@ def test_resume_in_a_fresh_process_is_bitwise_identical(tmp_path):
     restored = data.train_dataloader()
     restored.load_state_dict(position_b[0])
     assert torch.equal(next(iter(restored)), expected)
+
+
+def test_resume_trains_with_the_configured_learning_rates(compose_config, tmp_path, monkeypatch, caplog):
+    """A resumed run that doubles its rates (lr_scaling for another global batch) and lengthens its
+    schedule trains with the new schedule at the step it reached, not with the checkpoint's rates."""
+    common = [*TINY, *SAMPLE, "loss.disc_start=1", "optim.warmup_steps=1", "optim.disc_lr=4e-4",
+              "trainer.val_check_interval=100"]
+    train(compose_config([*common, "trainer.max_steps=2"]), tmp_path / "first")
+    used: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        used.append(tuple(opt.param_groups[0]["lr"] for opt in self.trainer.optimizers))
+
+    monkeypatch.setattr(TokenizerTrainingModule, "on_train_batch_start", on_train_batch_start)
+    # global batch 4 for rates set for 2: both doubled
+    cfg = compose_config([*common, "trainer.max_steps=4", "optim.lr_scaling=linear", "optim.base_batch_size=2",
+                          f"resume={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    with caplog.at_level(logging.INFO, logger="imagetok"):
+        train(cfg, tmp_path / "resumed")
+
+    lr, disc_lr = 2 * cfg.optim.lr, 2 * cfg.optim.disc_lr
+    # step 2 of 4 for the generator; the discriminator has taken 1 of its 3 steps (from step 1)
+    expected = (lr * lr_lambda("cosine", 1, 4, cfg.optim.min_lr_ratio)(2),
+                disc_lr * lr_lambda("cosine", 1, 3, cfg.optim.min_lr_ratio)(1))
+    assert used[0] == pytest.approx(expected, rel=1e-12)
+    with open(tmp_path / "resumed" / "logs" / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")}
+    assert logged[2] == pytest.approx(expected[0], rel=1e-6)  # the rate that step used, as logged
+    assert (f"learning rates differ from the checkpoint's: lr {cfg.optim.lr:.3g} -> {lr:.3g}, disc_lr "
+            f"{cfg.optim.disc_lr:.3g} -> {disc_lr:.3g}; the configured schedule continues from generator step 2"
+            ) in caplog.text

@@ -19,7 +19,9 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS, ROOT
 from imagetok.errors import ConfigValueError
-from imagetok.training.cluster import check_sweep_job, cluster_plugins, requeued_by_slurm
+from imagetok.training.checks import resolve_resume
+from imagetok.training.cluster import check_sweep_job, cluster_plugins, requeued_by_slurm, resume_setting
+from imagetok.training.strategy import device_count, wants_ddp
 from test_train_variants import SAMPLE, TINY
 
 
@@ -63,23 +65,62 @@ def test_local_sweep_refuses_several_devices(compose_config, monkeypatch):
     assert "hydra/launcher=slurm" in message
     with pytest.raises(ConfigValueError):
         check_sweep_job(compose_config(["trainer.devices=2", "trainer.strategy=fsdp"]).trainer)
+    with pytest.raises(ConfigValueError):  # two GPU indices
+        check_sweep_job(compose_config(["trainer.accelerator=gpu", "trainer.devices='0,1'"]).trainer)
     check_sweep_job(compose_config([]).trainer)  # one device is fine
     # under srun every task is one rank already, so the same job is fine on SLURM
     slurm_task(monkeypatch)
     check_sweep_job(cfg.trainer)
 
 
-def test_submitit_on_slurm_leaves_requeueing_to_submitit(monkeypatch):
+def test_lightning_never_requeues_on_slurm(monkeypatch):
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SUBMITIT_EXECUTOR", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
     assert cluster_plugins() == [] and not requeued_by_slurm()
-    slurm_task(monkeypatch)
-    assert cluster_plugins() == []  # srun without submitit (plain sbatch): Lightning's own requeue stays
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    slurm_task(monkeypatch)  # srun in a plain sbatch job
+    [plugin] = cluster_plugins()
+    assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # srun under submitit
     [plugin] = cluster_plugins()
     assert isinstance(plugin, SLURMEnvironment) and not plugin.auto_requeue
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
     assert requeued_by_slurm()
+
+
+def test_a_requeued_job_resumes_from_its_own_checkpoint_first(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run_dir, outputs = str(tmp_path / "outputs" / "run"), str(tmp_path / "outputs")
+    assert resume_setting(None, outputs, run_dir, sweep=False) == (None, outputs)
+    assert resume_setting(None, outputs, run_dir, sweep=True) == (None, outputs)
+    assert resume_setting("last", outputs, run_dir, sweep=True) == ("last", run_dir)  # a sweep job: its own dir only
+    assert resume_setting("last", outputs, run_dir, sweep=False) == ("last", outputs)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resume_setting(None, outputs, run_dir, sweep=False) == ("last", outputs)  # plain sbatch: a single run
+    assert resume_setting(None, outputs, run_dir, sweep=True) == ("last", run_dir)
+    assert resume_setting("a.ckpt", outputs, run_dir, sweep=False) == ("a.ckpt", outputs)  # an explicit path stays
+
+    # resume=last then prefers the run's own last.ckpt (a fixed hydra.run.dir), even over a newer one
+    # elsewhere under resume_search_dir (a timestamped run dir's earlier attempt is found there)
+    own, other = tmp_path / "outputs" / "run" / "checkpoints", tmp_path / "outputs" / "2024-01-01" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(b"")
+    resume, search = resume_setting(None, outputs, run_dir, sweep=False)
+    assert resolve_resume(resume, tmp_path / "outputs" / "run", tmp_path / search) == str(other / "last.ckpt")
+    own.mkdir(parents=True)
+    (own / "last.ckpt").write_bytes(b"")
+    os.utime(own / "last.ckpt", (1, 1))  # older
+    assert resolve_resume(resume, tmp_path / "outputs" / "run", tmp_path / search) == str(own / "last.ckpt")
+
+
+@pytest.mark.parametrize("devices,accelerator,count", [
+    (1, "auto", 1), (2, "cpu", 2), ("2", "gpu", 2), ([0, 1], "gpu", 2), ([3], "gpu", 1), ("0,1", "gpu", 2),
+    ("3,", "gpu", 1), (" 1, 2 ,3", "gpu", 3), ("auto", "cpu", 1), (-1, "cpu", 1),
+    ("auto", "gpu", max(1, torch.cuda.device_count())), ("-1", "auto", max(1, torch.cuda.device_count())),
+])
+def test_device_count_reads_every_form_of_trainer_devices(devices, accelerator, count):
+    assert device_count(devices, accelerator) == count
+    assert wants_ddp("auto", devices, 1, accelerator) == (count > 1)
+    assert wants_ddp("auto", devices, 2, accelerator)  # two nodes are always data-parallel
 
 
 def test_slurm_launcher_config_builds_the_sbatch_header(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from imagetok.errors import ConfigValueError, check
 
 # bf16-true / 64-true would cast the quantizer's float32 statistics and projections away from float32.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed")
+WEBDATASET = "imagetok.data.webdataset.WebDataModule"  # data=webdataset
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -31,6 +32,17 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("strategy") == "fsdp":  # FSDP2 leaves buffers alone: running statistics would drift by rank
         norm = cfg.loss.discriminator.get("norm", "group")
         check(norm != "batch", "loss.discriminator.norm", norm, "'group' or 'none' with trainer.strategy=fsdp")
+        # Each rank validates on its own shards, so ranks run different numbers of validation batches;
+        # under FSDP every forward of the (sharded) EMA copy all-gathers its weights, and a rank that
+        # has finished waits in the next collective for batches that never come: a deadlock.
+        check(cfg.data.get("_target_") != WEBDATASET, "trainer.strategy", "fsdp",
+              "'ddp' (trainer=ddp) or 'auto' with data=webdataset: its ranks validate on unequal numbers of "
+              "batches, and under FSDP each validation forward all-gathers the sharded EMA weights, so the "
+              "ranks would wait on each other forever; or keep trainer=fsdp with data=imagefolder")
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    check(accumulate == 1, "trainer.accumulate_grad_batches", accumulate,
+          "1: imagetok optimises manually (a generator and a discriminator step per batch), which Lightning "
+          "cannot accumulate; for a larger global batch raise data.batch_size or use more devices")
     o = cfg.optim
     check(o.lr > 0, "optim.lr", o.lr, "a float > 0")
     check(o.schedule in ("cosine", "constant"), "optim.schedule", o.schedule, "'cosine' or 'constant'")

@@ -1,10 +1,14 @@
 """Who starts the training processes, and what follows for each of them.
 
 On one machine Lightning's DDP launcher re-runs ``train.py`` once per extra device, in the job's own run
-directory. On SLURM, Hydra's submitit launcher submits one job per sweep point and ``srun`` starts one
-task per device on every node; Lightning's ``SLURMEnvironment`` then reads the ranks from ``SLURM_*``
-variables and starts nothing itself. Either way a job has one run directory, written by every rank, and
-only global rank 0 writes its metrics, logs and images.
+directory. On SLURM, Hydra's submitit launcher submits one job per sweep point (or a plain ``sbatch``
+script runs ``srun python train.py ...``) and ``srun`` starts one task per device on every node;
+Lightning's ``SLURMEnvironment`` then reads the ranks from ``SLURM_*`` variables and starts nothing
+itself. Either way a job has one run directory, written by every rank, and only global rank 0 writes its
+metrics, logs and images.
+
+A requeued SLURM job (preempted, or timed out under submitit) continues from its ``last.ckpt``: one
+mechanism for every way of submitting, see :func:`cluster_plugins` and :func:`resume_setting`.
 """
 
 from __future__ import annotations
@@ -27,21 +31,42 @@ def processes_started_by_cluster() -> bool:
 
 def requeued_by_slurm() -> bool:
     """Whether SLURM restarted this job: submitit requeues it (``scontrol requeue``) after a preemption
-    or a timeout, and SLURM then counts the restarts in ``SLURM_RESTART_COUNT``."""
+    or a timeout, SLURM itself after a preemption or node failure (``sbatch --requeue``), and SLURM
+    then counts the restarts in ``SLURM_RESTART_COUNT``."""
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
 def cluster_plugins() -> list[Any]:
     """Trainer plugins for the cluster this process runs on (none off SLURM).
 
-    Under submitit, submitit alone requeues a timed-out or preempted job: it sends USR2 before the time
-    limit and resubmits the same job, which resumes from its own ``last.ckpt`` (``resume=last``).
-    Lightning's own SLURM auto-requeue (SIGUSR1, ``hpc_ckpt_*.ckpt``, ``scontrol requeue``) would be a
-    second mechanism saving elsewhere, so it is turned off there.
+    On SLURM, Lightning's own auto-requeue (on SIGUSR1: save ``hpc_ckpt_*.ckpt`` into the run directory,
+    then ``scontrol requeue``) is turned off, under submitit and plain ``sbatch`` alike. Its checkpoint
+    lands in the job's run directory, which a requeued single run does not find again (Hydra's default
+    ``hydra.run.dir`` is timestamped), and it is a second mechanism beside the one imagetok uses: the
+    requeued job resumes from ``checkpoints/last.ckpt`` (:func:`resume_setting`). Submitit requeues a
+    job before its time limit (USR2); a plain ``sbatch`` job is requeued by SLURM on preemption with
+    ``--requeue``, and continues from the last periodic checkpoint (``checkpoint.every_n_steps``).
     """
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and SLURMEnvironment.detect():
+    if SLURMEnvironment.detect():
         return [SLURMEnvironment(auto_requeue=False)]
     return []
+
+
+def resume_setting(resume: str | None, resume_search_dir: str, run_dir: str, sweep: bool) -> tuple[str | None, str]:
+    """``(resume, resume_search_dir)`` for this job, from the configured ones.
+
+    A job that SLURM requeued reruns its original command line, so ``resume=null`` becomes ``last``:
+    it must not start over. ``last`` looks in the run's own directory first (a fixed ``hydra.run.dir``,
+    e.g. one named after ``SLURM_JOB_ID``, continues exactly there), then, in a single run, for the
+    newest ``last.ckpt`` under ``resume_search_dir`` (where a timestamped run dir's previous attempt
+    is). A sweep job (``sweep``) searches nothing but its own directory: the newest checkpoint of the
+    sweep would belong to another job.
+    """
+    if resume is None and requeued_by_slurm():
+        resume = "last"
+    if sweep and resume == "last":
+        resume_search_dir = run_dir
+    return resume, resume_search_dir
 
 
 def check_sweep_job(trainer: Any) -> None:
@@ -51,8 +76,9 @@ def check_sweep_job(trainer: Any) -> None:
     command line is the whole sweep (Hydra issue 2070), so each rank would start sweeps of its own.
     """
     strategy, devices = trainer.get("strategy", "auto"), trainer.get("devices", "auto")
-    num_nodes = trainer.get("num_nodes", 1)
-    several = wants_ddp(strategy, devices, num_nodes) or (strategy == "fsdp" and wants_ddp("auto", devices, num_nodes))
+    num_nodes, accelerator = trainer.get("num_nodes", 1), trainer.get("accelerator", "auto")
+    several = (wants_ddp(strategy, devices, num_nodes, accelerator)
+               or (strategy == "fsdp" and wants_ddp("auto", devices, num_nodes, accelerator)))
     if several and not processes_started_by_cluster():
         raise ConfigValueError(
             "trainer.devices", devices,

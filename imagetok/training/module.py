@@ -5,16 +5,21 @@ counts generator steps only: the discriminator is stepped through the strategy d
 precision plugins working but does not advance Lightning's step counter.
 
 A non-finite loss term (or, with ``optim.nonfinite=skip``, gradient norm) either stops the run
-(``stop``, the default) or drops that batch's update (``skip``): no optimiser, scheduler or EMA step
-and the quantizer's buffers put back, at most ``optim.max_skipped_steps`` times. All ranks take the
+(``stop``, the default) or drops that batch's update (``skip``): no optimiser, scheduler or EMA step,
+and the state the forward passes wrote in place put back (the quantizer's buffers and codebook, the
+discriminator's running statistics), at most ``optim.max_skipped_steps`` times. All ranks take the
 same decision. A checkpoint is never written from non-finite weights.
+
+The learning rates are the configured ones (after ``optim.lr_scaling``) also after a resume: the
+checkpoint's rates give way to them at the step the run has reached (:meth:`on_train_start`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -99,12 +104,18 @@ class TokenizerTrainingModule(L.LightningModule):
         """The weights used for validation and export: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.tokenizer
 
+    def _configured_lrs(self) -> tuple[float, float]:
+        """The generator's and the discriminator's base learning rates (``optim.lr``, ``optim.disc_lr``
+        or ``lr`` when null), as ``run.scale_learning_rates`` left them."""
+        return self.optim["lr"], self.optim.get("disc_lr") or self.optim["lr"]
+
     def configure_optimizers(self):
         o = self.optim
         betas = tuple(o["betas"])
-        opt_g = torch.optim.AdamW([p for p in self.tokenizer.parameters() if p.requires_grad], lr=o["lr"],
+        lr, disc_lr = self._configured_lrs()
+        opt_g = torch.optim.AdamW([p for p in self.tokenizer.parameters() if p.requires_grad], lr=lr,
                                   betas=betas, weight_decay=o["weight_decay"])
-        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=o.get("disc_lr") or o["lr"],
+        opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=disc_lr,
                                   betas=betas, weight_decay=o["weight_decay"])
         # The discriminator's schedule counts its own steps, which begin at loss.disc_start.
         disc_steps = max(1, self.total_steps - getattr(self.loss, "disc_start", 0))
@@ -113,6 +124,30 @@ class TokenizerTrainingModule(L.LightningModule):
         sched_d = torch.optim.lr_scheduler.LambdaLR(
             opt_d, lr_lambda(o["schedule"], o["warmup_steps"], disc_steps, o["min_lr_ratio"]))
         return [opt_g, opt_d], [sched_g, sched_d]
+
+    def on_train_start(self) -> None:
+        """Put the configured learning rates in place of a checkpoint's.
+
+        On a resume Lightning's ``restore_training_state`` (after ``configure_optimizers``, before the fit
+        loop calls this hook) loads each scheduler's ``base_lrs`` and each parameter group's
+        ``initial_lr``/``lr`` from the checkpoint, which would silently keep the old ``optim.lr`` or
+        ``lr_scaling`` (another global batch). The schedule's position (``last_epoch``: steps taken) is
+        the checkpoint's; its rates are this run's. Without a resume this changes nothing.
+        """
+        changed = []
+        for name, optimizer, config, base in zip(("lr", "disc_lr"), self.trainer.optimizers,
+                                                 self.trainer.lr_scheduler_configs, self._configured_lrs()):
+            scheduler = config.scheduler  # LambdaLR, one lambda per parameter group
+            if any(old != base for old in scheduler.base_lrs):
+                changed.append(f"{name} {scheduler.base_lrs[0]:.3g} -> {base:.3g}")
+            rates = [base * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+            scheduler.base_lrs = [base] * len(rates)
+            scheduler._last_lr = list(rates)  # what get_last_lr() reports until its next step()
+            for group, rate in zip(optimizer.param_groups, rates):
+                group["initial_lr"], group["lr"] = base, rate
+        if changed and rank_zero_only.rank == 0:
+            log.info("learning rates differ from the checkpoint's: %s; the configured schedule continues from "
+                     "generator step %d", ", ".join(changed), self.global_step)
 
     def _step(self, optimizer, loss: torch.Tensor, count_as_step: bool, name: str, step: int) -> bool:
         """Backward and optimiser step; False (no step taken) when ``optim.nonfinite=skip`` and the
@@ -123,13 +158,14 @@ class TokenizerTrainingModule(L.LightningModule):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if self._sharded:
                 average_replicated_gradients(params)
-            if self._skipping and self._nonfinite_terms({f"grad_norm/{name}": gradient_norm(params)}, step):
-                optimizer.zero_grad(set_to_none=True)
-                return False
-            if self.optim.get("grad_clip") and self._sharded:
-                clip_gradient_norm(params, self.optim["grad_clip"])
-            elif self.optim.get("grad_clip"):
-                self.clip_gradients(optimizer, gradient_clip_val=self.optim["grad_clip"], gradient_clip_algorithm="norm")
+            max_norm = self.optim.get("grad_clip")
+            if self._skipping or max_norm:  # one norm serves both the check and the clipping
+                norm = gradient_norm(params)
+                if self._skipping and self._nonfinite_terms({f"grad_norm/{name}": norm}, step):
+                    optimizer.zero_grad(set_to_none=True)
+                    return False
+                if max_norm:
+                    clip_gradient_norm(params, max_norm, norm)
             if count_as_step:
                 optimizer.step()
             else:
@@ -140,43 +176,61 @@ class TokenizerTrainingModule(L.LightningModule):
     def _skipping(self) -> bool:
         return self.optim.get("nonfinite", "stop") == "skip"
 
+    def _on_every_rank(self, holds: torch.Tensor) -> bool:
+        """Whether the boolean scalar ``holds`` is true on every rank: one all-reduce (MIN) when
+        distributed, and one device sync. Every rank gets the same answer, so all stop or skip alike."""
+        flag = holds.reshape(()).int().to(self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
     @staticmethod
-    def _raise_if_not_finite(logs: dict[str, torch.Tensor], step: int) -> None:
-        bad = [k for k, v in logs.items() if not math.isfinite(float(v))]
-        if bad:
-            raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}; "
+    def _raise_if_not_finite(terms: Mapping[str, float | torch.Tensor], step: int, on_another_rank: bool = False) -> None:
+        """Raise ``FloatingPointError`` naming the non-finite ``terms`` (scalars) and the generator step;
+        with ``on_another_rank`` also when this rank's terms are all finite (another rank's were not)."""
+        bad = _nonfinite_names(terms)
+        if bad or on_another_rank:
+            raise FloatingPointError(f"non-finite loss term(s) {bad or 'on another rank'} at generator step {step}; "
                                      "the last saved checkpoint is untouched")
 
     def _nonfinite_terms(self, logs: dict[str, torch.Tensor], step: int) -> list[str]:
-        """Names of the non-finite values in ``logs`` (scalars), decided alike on every rank: one
-        all-reduce and one device sync per call. With ``optim.nonfinite=stop`` a bad term raises."""
+        """Names of the non-finite values in ``logs`` (scalars), decided alike on every rank (a rank
+        whose own values are finite answers ``["(on another rank)"]``). With ``optim.nonfinite=stop`` a
+        non-finite value on any rank raises instead."""
         values = torch.stack([torch.as_tensor(v, device=self.device).detach().float().reshape(()) for v in logs.values()])
-        all_finite = torch.isfinite(values).all().int()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)  # one rank's NaN must stop or skip every rank
-        if bool(all_finite):
+        if self._on_every_rank(torch.isfinite(values).all()):
             return []
-        bad = [k for k, v in zip(logs, values.tolist()) if not math.isfinite(v)] or ["(on another rank)"]
+        terms = dict(zip(logs, values.tolist()))  # one device sync for all of them, only when something is wrong
         if not self._skipping:
-            self._raise_if_not_finite(logs, step)
-            raise FloatingPointError(f"non-finite loss term(s) on another rank at generator step {step}; "
-                                     "the last saved checkpoint is untouched")
-        return bad
+            self._raise_if_not_finite(terms, step, on_another_rank=True)
+        return _nonfinite_names(terms) or ["(on another rank)"]
 
-    def _forward_state(self) -> dict[str, torch.Tensor]:
-        """The tokenizer state a training forward may change in place: its buffers and the quantizer's
-        parameters (EMA codebook updates, k-means initialisation and dead-code restarts write them)."""
-        state = dict(self.tokenizer.named_buffers())
-        state.update(self.tokenizer.quantizer.named_parameters(prefix="quantizer"))
+    def _forward_state(self, tokenizer: bool = True) -> dict[str, torch.Tensor]:
+        """The state a training forward may change in place: the discriminator's buffers (BatchNorm
+        running statistics; the generator loss runs it in train mode too) and, with ``tokenizer``, the
+        tokenizer's buffers and the quantizer's parameters (EMA codebook updates, k-means
+        initialisation and dead-code restarts write them). The default GroupNorm discriminator has no
+        buffers, so only ``loss.discriminator.norm=batch`` adds to the copy."""
+        state = dict(self.loss.discriminator.named_buffers(prefix="discriminator"))
+        if tokenizer:
+            state.update(self.tokenizer.named_buffers(prefix="tokenizer"))
+            state.update(self.tokenizer.quantizer.named_parameters(prefix="tokenizer.quantizer"))
         return state
+
+    def _save_forward_state(self, tokenizer: bool = True) -> dict[str, torch.Tensor] | None:
+        """A copy of :meth:`_forward_state` to put back if the update is skipped; None unless skipping."""
+        if not self._skipping:
+            return None
+        return {k: t.detach().clone() for k, t in self._forward_state(tokenizer).items()}
 
     def _skip(self, bad: list[str], step: int, what: str, saved: dict[str, torch.Tensor] | None) -> None:
         """Count a dropped update, put back what the forward pass changed, and give up past the limit."""
         self.skipped_steps += 1
         if saved is not None:
+            current = self._forward_state()
             with torch.no_grad():
-                for name, tensor in self._forward_state().items():
-                    tensor.copy_(saved[name])
+                for name, tensor in saved.items():
+                    current[name].copy_(tensor)
         limit = self.optim.get("max_skipped_steps", 10)
         if self.skipped_steps > limit:
             raise FloatingPointError(f"non-finite loss term(s) {bad} at generator step {step}: {self.skipped_steps} "
@@ -192,8 +246,9 @@ class TokenizerTrainingModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         # The forward pass updates codebook statistics (and, for EMA codebooks, k-means and dead-code
-        # restarts, the codebook itself); a skipped update must not keep them.
-        saved = {k: t.detach().clone() for k, t in self._forward_state().items()} if self._skipping else None
+        # restarts, the codebook itself), the generator loss the discriminator's running statistics;
+        # a skipped update must not keep them.
+        saved = self._save_forward_state()
 
         recon, quant = self._parallel.get("tokenizer", self.tokenizer)(images)
         g_loss, logs = self.loss.generator_loss(images, recon, quant, step, self.tokenizer.decoder.last_layer)
@@ -212,6 +267,7 @@ class TokenizerTrainingModule(L.LightningModule):
                 # The first discriminator step. An FSDP checkpoint saved before it "initialised" the unused
                 # optimiser with a zero-lr step (torch's get_optimizer_state_dict): Adam must count from 0.
                 opt_d.optimizer.state.clear()
+            saved_d = self._save_forward_state(tokenizer=False)  # its forward passes on real and fake
             d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"))
             bad = self._nonfinite_terms(d_logs, step)
             if not bad and self._step(opt_d, d_loss, count_as_step=False, name="discriminator", step=step):
@@ -219,7 +275,7 @@ class TokenizerTrainingModule(L.LightningModule):
                 sched_d.step()
                 logs.update(d_logs)
             else:
-                self._skip(bad or ["grad_norm/discriminator"], step, "discriminator update", None)
+                self._skip(bad or ["grad_norm/discriminator"], step, "discriminator update", saved_d)
 
         logs.update({f"quantizer/{k}": v for k, v in quant.metrics.items()})
         logs["skipped_steps"] = torch.tensor(float(self.skipped_steps))
@@ -232,10 +288,7 @@ class TokenizerTrainingModule(L.LightningModule):
         state = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in self.state_dict().items()}
         state = {k: v for k, v in state.items() if v.is_floating_point()}
         finite = torch.stack([torch.isfinite(v).all() for v in state.values()] or [torch.tensor(True)])
-        all_finite = finite.all().int().to(self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)
-        if not bool(all_finite):
+        if not self._on_every_rank(finite.all()):
             bad = [k for k, ok in zip(state, finite.tolist()) if not ok] or ["(on another rank)"]
             raise FloatingPointError(f"non-finite weights {bad[:5]} at generator step {self.global_step}: checkpoint "
                                      "not written, the last saved checkpoint is untouched")
@@ -265,6 +318,11 @@ class TokenizerTrainingModule(L.LightningModule):
         self.log("val/codebook_usage", self.val_usage.compute(), prog_bar=True, sync_dist=True)
         self.val_psnr.reset()
         self.val_usage.reset()
+
+
+def _nonfinite_names(terms: Mapping[str, float | torch.Tensor]) -> list[str]:
+    """The keys of ``terms`` (scalars) whose values are NaN or infinite."""
+    return [k for k, v in terms.items() if not math.isfinite(float(v))]
 
 
 class _ReplicatedState:

@@ -31,10 +31,8 @@ from imagetok.training.strategy import (GeneratorDiscriminatorDDPStrategy, Shard
                                         wants_ddp)
 
 log = logging.getLogger(__name__)
-# Expected here, not a problem: the EMA copy is always in eval mode, and the discriminator's scheduler
-# steps (to stay aligned with the generator's) before the discriminator starts training.
+# Expected here, not a problem: the EMA copy is always in eval mode.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 # CPU (mkldnn) returns 1x1-conv gradients in another memory layout; DDP copies them, correct but noisy.
@@ -82,21 +80,20 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
 
 
 def scale_learning_rates(module: TokenizerTrainingModule, cfg: DictConfig, trainer: L.Trainer) -> None:
-    """Apply ``optim.lr_scaling`` to the module's learning rates for this run's global batch, and log
-    the batch and rates the run trains with."""
+    """Apply ``optim.lr_scaling`` to the module's learning rates for this run's global batch (per-device
+    batch x devices x nodes; there is no gradient accumulation, see checks.py), and log the batch and
+    rates the run trains with. A resumed run trains with these rates too (the module's on_train_start)."""
     o = module.optim
     devices, nodes = trainer.num_devices, trainer.num_nodes
-    accumulate = trainer.accumulate_grad_batches
-    global_batch = cfg.data.batch_size * devices * nodes * accumulate
+    global_batch = cfg.data.batch_size * devices * nodes
     rule, base = o.get("lr_scaling", "none"), o.get("base_batch_size")
     base_lr, base_disc_lr = o["lr"], o.get("disc_lr") or o["lr"]
     o["lr"] = scaled_lr(base_lr, rule, global_batch, base)
     o["disc_lr"] = scaled_lr(base_disc_lr, rule, global_batch, base)
     how = "lr_scaling=none" if rule == "none" else f"lr_scaling={rule}, base_batch_size={base}"
     if rank_zero_only.rank == 0:
-        log.info("batch %d per device x %d device(s) x %d node(s)%s = global batch %d; lr %.3g -> %.3g, "
-                 "disc_lr %.3g -> %.3g (%s)", cfg.data.batch_size, devices, nodes,
-                 f" x {accumulate} accumulated" if accumulate > 1 else "", global_batch,
+        log.info("batch %d per device x %d device(s) x %d node(s) = global batch %d; lr %.3g -> %.3g, "
+                 "disc_lr %.3g -> %.3g (%s)", cfg.data.batch_size, devices, nodes, global_batch,
                  base_lr, o["lr"], base_disc_lr, o["disc_lr"], how)
 
 
@@ -146,7 +143,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("strategy") == "fsdp":  # Lightning's own FSDPStrategy would wrap the module as a whole
         trainer_args["strategy"] = ShardedGeneratorDiscriminatorStrategy()
-    elif wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"), trainer_args.get("num_nodes", 1)):
+    elif wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"),
+                   trainer_args.get("num_nodes", 1), trainer_args.get("accelerator", "auto")):
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
                         logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO(), *cluster_plugins()],

@@ -57,19 +57,34 @@ class GeneratorDiscriminatorDDPStrategy(DDPStrategy):
         super().teardown()
 
 
-def wants_ddp(strategy: str, devices: int | str | list, num_nodes: int) -> bool:
+def device_count(devices: int | str | list[int] | tuple[int, ...], accelerator: str = "auto") -> int:
+    """How many devices per node ``Trainer(devices=..., accelerator=...)`` uses, in any form Lightning
+    accepts: ``n`` or ``"n"`` (the first n), ``-1``/``"-1"``/``"auto"`` (all visible GPUs; one process on
+    the CPU accelerator), a list of indices ``[0, 1]`` or a comma-separated string ``"0,1"``/``"1,"``
+    (that many). Counted here, without Lightning's own parser, which also insists the GPUs exist."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto" or text == "-1":
+            devices = -1
+        elif "," in text:  # Lightning: a comma means a list of indices, "3," is device 3 alone
+            devices = [int(x) for x in text.split(",") if x.strip()]
+        else:
+            devices = int(text)
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if devices == -1:
+        return 1 if accelerator == "cpu" else max(1, torch.cuda.device_count())
+    return int(devices)
+
+
+def wants_ddp(strategy: str, devices: int | str | list[int], num_nodes: int, accelerator: str = "auto") -> bool:
     """Whether Lightning would run DDP for these Trainer arguments (``ddp``, or ``auto`` on more than
     one device or node), in which case :class:`GeneratorDiscriminatorDDPStrategy` takes its place."""
     if strategy == "ddp":
         return True
     if strategy != "auto":
         return False
-    if num_nodes > 1:
-        return True
-    if devices in ("auto", -1, "-1"):
-        return torch.cuda.device_count() > 1
-    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices)
-    return count > 1
+    return num_nodes > 1 or device_count(devices, accelerator) > 1
 
 
 class ShardedGeneratorDiscriminatorStrategy(ModelParallelStrategy):
@@ -149,15 +164,22 @@ def gradient_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
-def clip_gradient_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """``clip_grad_norm_`` for a mix of sharded and plain gradients; returns the norm before clipping."""
+def clip_gradient_norm(parameters: Iterable[nn.Parameter], max_norm: float,
+                       norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``clip_grad_norm_`` for a mix of sharded and plain gradients; ``norm``: their total norm when
+    already computed (:func:`gradient_norm`). Returns the norm before clipping.
+
+    Plain gradients go through ``torch.nn.utils.clip_grads_with_norm_``, the second half of
+    ``clip_grad_norm_`` (bit for bit what Lightning's own clipping does); sharded (DTensor) ones are
+    scaled by a Python float, which needs no coefficient laid out as a DTensor."""
     parameters = list(parameters)
-    norm = gradient_norm(parameters)
-    scale = max_norm / (float(norm) + 1e-6)
-    if scale < 1 and math.isfinite(scale):
-        grads = [p.grad for p in parameters if p.grad is not None]
-        for sharded in (True, False):
-            group = [g for g in grads if isinstance(g, DTensor) == sharded]
-            if group:
-                torch._foreach_mul_(group, scale)
+    norm = gradient_norm(parameters) if norm is None else norm
+    plain = [p for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if plain:
+        torch.nn.utils.clip_grads_with_norm_(plain, max_norm, norm.to(plain[0].grad.device))
+    sharded = [p.grad for p in parameters if isinstance(p.grad, DTensor)]
+    if sharded:
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1 and math.isfinite(scale):
+            torch._foreach_mul_(sharded, scale)
     return norm

@@ -6,9 +6,10 @@ latents of real images and write the fitted tokenizer.
 
 ``checkpoint`` is a training checkpoint (EMA weights by default) or a ``save_pretrained`` directory of a
 ``quantizer=dimwise`` tokenizer (re-fitting with another ``num_bins`` or method). The encoder runs over
-``num_images`` images of the data config's train split; ``method=gaussian`` takes equal-probability
-bins of a normal with each channel's mean and std (exact float64 sums over every latent),
-``method=empirical`` takes each channel's quantiles of a random subsample of ``max_samples`` latents.
+``num_images`` images of the data config's train split (``data=webdataset``: the first ``num_images``
+of its training stream, which has no end, so ``num_images`` must be a number); ``method=gaussian``
+takes equal-probability bins of a normal with each channel's mean and std (exact float64 sums over
+every latent), ``method=empirical`` takes each channel's quantiles of a random subsample of ``max_samples`` latents.
 Into ``out`` it writes a ``save_pretrained`` directory (``config.json``, ``model.safetensors``, model
 card) plus ``quantizer_fit.json`` (method, edges, values and per-channel statistics) and
 ``latent_histograms.png``. Every file is written under a temporary name and renamed, the tokenizer
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from imagetok.data.inference import InferenceImages, is_stream
 from imagetok.errors import ConfigValueError, check
 from imagetok.quantizers.dimwise import DimensionWiseQuantizer, empirical_bins, gaussian_bins
 from imagetok.tokenizer import Tokenizer
@@ -61,10 +64,11 @@ def load_continuous_tokenizer(checkpoint: str, weights: str, num_bins: int | Non
 
 
 @torch.no_grad()
-def gather_latents(tokenizer: Tokenizer, loader: torch.utils.data.DataLoader, num_images: int, max_samples: int,
+def gather_latents(tokenizer: Tokenizer, loader: Iterable[torch.Tensor], num_images: int, max_samples: int,
                    seed: int) -> dict[str, Any]:
-    """Posterior means of every latent position of ``num_images`` images: exact float64 per-channel
-    count / sum / sum of squares / min / max, and a uniform random subsample ``samples`` ``[N <= max_samples, C]``."""
+    """Posterior means of every latent position of the first ``num_images`` images of ``loader`` (batches
+    ``[B, 3, H, W]``; fewer if it ends first): exact float64 per-channel count / sum / sum of squares /
+    min / max, and a uniform random subsample ``samples`` ``[N <= max_samples, C]``."""
     quantizer = tokenizer.quantizer
     device = next(tokenizer.parameters()).device
     channels = quantizer.out_dim
@@ -88,6 +92,8 @@ def gather_latents(tokenizer: Tokenizer, loader: torch.utils.data.DataLoader, nu
             bar.update(images.shape[0])
             if seen >= num_images:
                 break
+    if seen == 0:
+        raise ValueError("the data config's train split gave no image to fit the bins on")
     samples = torch.cat(kept)
     if samples.shape[0] > max_samples:
         samples = samples[torch.randperm(samples.shape[0], generator=generator)[:max_samples]]
@@ -173,9 +179,12 @@ def fit(cfg: DictConfig) -> Path:
     tokenizer.to(device)
     datamodule = instantiate_part(cfg.data, "data")
     dataset = datamodule.train_dataset()
-    total = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(total)), batch_size=cfg.batch_size,
-                                         num_workers=datamodule.num_workers)
+    if is_stream(dataset):  # webdataset: the training stream is endless (resampled or repeated shards)
+        check(cfg.num_images is not None, "num_images", cfg.num_images, "an integer >= 1 with data=webdataset "
+              "(its training stream has no end, so the number of images to fit on must be given)")
+    loader = InferenceImages(dataset, batch_size=cfg.batch_size, num_workers=datamodule.num_workers,
+                             num_images=cfg.num_images)
+    total = loader.total  # a stream's images are counted as they come; it may end before num_images
     max_samples = min(cfg.max_samples, QUANTILE_LIMIT // quantizer.out_dim)
     stats = gather_latents(tokenizer, loader, total, max_samples, cfg.seed)
     if cfg.method == "gaussian":

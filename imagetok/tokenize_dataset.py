@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from imagetok.data.inference import require_indexed
 from imagetok.data.token_shards import INDEX_NAME, shard_name, token_dtype
 from imagetok.errors import ConfigValueError, check
 from imagetok.tokenizer import Tokenizer
@@ -48,6 +49,8 @@ def tokenize(cfg: DictConfig) -> Path:
     tokenizer = Tokenizer.from_pretrained(cfg.pretrained)
     datamodule = instantiate_part(cfg.data, "data")
     dataset = datamodule.train_dataset() if cfg.split == "train" else datamodule.val_dataset()
+    require_indexed(dataset, cfg.data._target_, "shard k holds images [k * shard_size, (k + 1) * shard_size) of the "
+                    "split, so that an interrupted run resumes by writing only the missing shards")
     total = len(dataset) if cfg.num_images is None else min(int(cfg.num_images), len(dataset))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,30 @@ def test_imagefolder_without_images(tmp_path):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=32, batch_size=1)
     with pytest.raises(ConfigValueError, match="holds images"):
         dm.train_dataset()
+
+
+def test_train_loader_resumes_mid_epoch_with_another_batch_size_and_needs_crop_datasets(caplog):
+    from imagetok.data.datamodule import ImageDataModule
+
+    def loader(batch_size):
+        return SampleDataModule(image_size=16, batch_size=batch_size, train_samples=24, val_samples=2).train_dataloader()
+
+    straight = list(loader(4))  # 6 batches of 4
+    restored = loader(4)
+    with caplog.at_level(logging.WARNING, logger="imagetok.data.datamodule"):
+        restored.load_state_dict({"batches_served": 4, "batch_size": 2})  # 8 images served in batches of 2
+    assert "leaving out 2 batches" in caplog.text
+    rest = list(restored)
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, straight[2:]))
+    restored.load_state_dict({"batches_served": 6, "batch_size": 4})  # a finished pass: the next one is whole
+    assert len(list(restored)) == 6
+
+    class Plain(ImageDataModule):  # a dataset whose order could not resume exactly
+        def train_dataset(self):
+            return torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8))
+
+        def val_dataset(self):
+            return self.train_dataset()
+
+    with pytest.raises(TypeError, match="CropDataset"):
+        Plain(image_size=8, batch_size=2).train_dataloader()

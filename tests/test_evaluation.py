@@ -152,6 +152,34 @@ def test_token_statistics_are_exact():
     assert math.isnan(zipf_exponent(torch.tensor([5, 0, 0])))
 
 
+def test_token_statistics_of_the_used_codes_alone_need_the_codebook_size():
+    full = token_statistics(torch.tensor([3, 0, 1, 0, 0, 4]))
+    assert token_statistics(torch.tensor([3, 1, 4]), codebook_size=6) == full
+    huge = token_statistics(torch.tensor([5, 5]), codebook_size=2**62)
+    assert huge["usage"] == 2 / 2**62 and huge["entropy_bits"] == pytest.approx(1.0) and huge["codebook_size"] == 2**62
+
+
+def test_eval_num_tokens_is_a_list_or_one_count_and_anything_else_names_the_key():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from imagetok.evaluation.run import prefix_lengths
+
+    seq = SimpleNamespace(is_sequence=True, variable_length=True, encoder=SimpleNamespace(num_latent_tokens=32))
+    grid = SimpleNamespace(is_sequence=False, variable_length=False, encoder=SimpleNamespace())
+    assert prefix_lengths(seq, None) == [1, 2, 4, 8, 16, 32]
+    assert prefix_lengths(seq, 4) == prefix_lengths(seq, [4]) == [4]  # eval.num_tokens=4 is [4], as the docs say
+    assert prefix_lengths(seq, OmegaConf.create([8, 2, 8])) == [2, 8]
+    assert prefix_lengths(grid, None) == prefix_lengths(grid, []) == []
+    for bad in ("4", 4.0, True, [1.5], [True], OmegaConf.create({"k": 4}), [0], [33]):
+        with pytest.raises(ConfigValueError, match=r"^eval\.num_tokens=") as err:
+            prefix_lengths(seq, bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigValueError, match=r"^eval\.num_tokens=\[4\] .*grid"):
+        prefix_lengths(grid, 4)
+
+
 def test_missing_inception_weights_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         InceptionFeatures()

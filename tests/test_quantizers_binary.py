@@ -206,6 +206,7 @@ def test_a_2_to_the_128_codebook_trains_as_8_sub_tokens_of_16_bits(cls):
 def test_bad_sub_token_and_group_sizes_are_clear_config_errors(cls):
     for kwargs, key in [({"bits_per_token": 5}, "bits_per_token"), ({"bits_per_token": 0}, "bits_per_token"),
                         ({"bits": 128, "bits_per_token": 64}, "bits_per_token"),
+                        ({"bits": 64, "bits_per_token": None}, r"bits_per_token=None .*only up to 62 bits"),
                         ({"entropy_group_bits": 3}, "entropy_group_bits"),
                         ({"bits": 64, "bits_per_token": 16, "entropy_group_bits": 32}, "entropy_group_bits"),
                         ({"inv_temperature": 0.0}, "inv_temperature")]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,14 +25,24 @@ SCALES = [1, 2, 3, 4]  # 1 + 4 + 9 + 16 = 30 tokens for the 4x4 latents of _late
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
+def _var_refiner(scale: int, num_scales: int, num_refiners: int) -> int:
+    """VAR's choice of refiner (models/quant.py, ``PhiPartiallyShared``): K ticks evenly spaced from
+    1/(3K) to 1 - 1/(3K) for K = 4, from 1/(2K) to 1 - 1/(2K) otherwise; scale ``si`` of ``SN`` asks for
+    the tick nearest ``si / (SN - 1)`` (numpy float64, first index on an exact tie)."""
+    margin = 1 / 3 / num_refiners if num_refiners == 4 else 1 / 2 / num_refiners
+    ticks = np.linspace(margin, 1 - margin, num_refiners)
+    return int(np.argmin(np.abs(ticks - scale / (num_scales - 1))))
+
+
 def _var_reference(q: MultiScaleResidualQuantizer, f: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """VAR's procedure written out from the paper (one refiner ``phi`` for all scales): for each scale,
-    area-downsample the residual, take the nearest code (float64 distances), upsample the code map
-    bicubically, refine it, add it. Returns the token maps, ``f_hat`` and VAR's loss."""
-    codebook, conv, r = q.vq.codebook.detach().double(), q.refiners[0], q.refine_ratio
+    """VAR's procedure written out from the paper: for each scale, area-downsample the residual, take
+    the nearest code (float64 distances), upsample the code map bicubically, refine it with VAR's
+    choice of refiner ``phi``, add it. Returns the token maps, ``f_hat`` and VAR's loss."""
+    codebook, r = q.vq.codebook.detach().double(), q.refine_ratio
     f = f.double()
     f_hat, maps, loss = torch.zeros_like(f), [], 0.0
-    for side in q.scales:
+    for k, side in enumerate(q.scales):
+        conv = q.refiners[_var_refiner(k, len(q.scales), len(q.refiners))]
         residual = F.adaptive_avg_pool2d(f - f_hat, side)  # [B, C, s, s]
         flat = residual.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         token_map = torch.cdist(flat, codebook).argmin(1).reshape(f.shape[0], side, side)
@@ -55,9 +66,10 @@ def _fit(q: MultiScaleResidualQuantizer, steps: int) -> MultiScaleResidualQuanti
     return q.eval()
 
 
-def test_tokens_latents_and_loss_follow_vars_procedure_and_invert_exactly():
+@pytest.mark.parametrize("num_refiners", [1, 3])
+def test_tokens_latents_and_loss_follow_vars_procedure_and_invert_exactly(num_refiners):
     torch.manual_seed(0)
-    q = MultiScaleResidualQuantizer(dim=8, codebook_size=32, scales=SCALES, num_refiners=1).eval()
+    q = MultiScaleResidualQuantizer(dim=8, codebook_size=32, scales=SCALES, num_refiners=num_refiners).eval()
     f = _latents(16, 3)
     out = q(f)
     assert q.codebook_sizes == [32] and q.sequence_length == 30 and q.index_shape_for((4, 4)) == (30, 1)
@@ -72,12 +84,19 @@ def test_tokens_latents_and_loss_follow_vars_procedure_and_invert_exactly():
     assert torch.equal(q.indices_to_latents(out.indices, channels_last=True), out.z_q.permute(0, 2, 3, 1))
 
 
-def test_refiners_are_shared_by_nearest_position_like_var():
-    q = MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=[1, 2, 3, 4, 6, 8], num_refiners=4)
-    # refiner j sits at (j + 1/2) / 4 on [0, 1]; scale k at k / 5 takes the nearest one
-    nearest = [min(range(4), key=lambda j: abs((j + 0.5) / 4 - k / 5)) for k in range(6)]
-    assert q.refiner_of_scale == nearest == [0, 0, 1, 2, 3, 3]
+def test_refiners_are_shared_across_scales_as_in_var():
+    # VAR's own schedule (16x16 latents, 10 scales, 4 shared refiners); scale 2 sits at 2/9, exactly
+    # halfway between the first two ticks 1/12 and 13/36, where VAR's float64 rounding picks refiner 1
+    var_scales = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    q = MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=var_scales, num_refiners=4)
+    assert q.refiner_of_scale == [_var_refiner(k, 10, 4) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=[1, 2, 3, 4, 6, 8]).refiner_of_scale == [0, 0, 1, 2, 3, 3]
+    for num_scales, num_refiners in [(2, 2), (3, 2), (4, 3), (5, 4), (7, 3), (9, 6), (10, 1)]:
+        q = MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=list(range(1, num_scales + 1)),
+                                        num_refiners=num_refiners)
+        assert q.refiner_of_scale == [_var_refiner(k, num_scales, num_refiners) for k in range(num_scales)]
     assert MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=[1, 2], num_refiners=0).refiner_of_scale == [None, None]
+    assert MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=[4], num_refiners=4).refiner_of_scale == [3]
 
 
 def test_scale_maps_round_trip_and_prefixes_of_whole_scales_are_accepted():
@@ -138,9 +157,9 @@ def test_prefixes_reconstruct_better_scale_by_scale_on_held_out_latents_after_fi
 
 def test_wrong_sizes_and_settings_are_clear_config_errors():
     q = MultiScaleResidualQuantizer(dim=8, codebook_size=16, scales=SCALES)
-    with pytest.raises(ConfigValueError, match="scales"):
+    with pytest.raises(ConfigValueError, match=r"^quantizer\.scales=\[1, 2, 3, 4\] .*latent size 5x5"):
         q(torch.randn(2, 8, 5, 5))  # latents 5x5, schedule ends in 4
-    with pytest.raises(ConfigValueError, match="scales"):
+    with pytest.raises(ConfigValueError, match=r"^quantizer\.scales=.*latent size 8x8.*data\.image_size"):
         q.index_shape_for((8, 8))
     with pytest.raises(ConfigValueError, match="z"):
         q(torch.randn(2, 16, 8))  # a 1D sequence has no scales
@@ -164,3 +183,13 @@ def test_var_recipe_trains_end_to_end(compose_config, tmp_path):
     assert ids.shape == (images.shape[0], 130, 1) == (images.shape[0], *tok.token_shape(16))
     with torch.no_grad():
         assert tok.decode(ids[:, :14]).shape == images.shape  # the first three scales decode
+
+
+def test_a_schedule_that_misses_the_latent_size_stops_the_run_before_training(compose_config, tmp_path):
+    from imagetok.training.run import train
+
+    # 32px images, downsampling 2 -> 16x16 latents; the recipe's scales end in 8
+    cfg = compose_config(["experiment=cpu_var", *TINY, *SAMPLE, "data.image_size=32", "trainer.max_steps=2"])
+    with pytest.raises(ConfigValueError, match=r"^quantizer\.scales=\[1, 2, 3, 4, 6, 8\] .*latent size 16x16"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

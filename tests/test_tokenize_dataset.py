@@ -86,3 +86,8 @@ def test_another_tokenizer_cannot_write_into_the_same_directory(pretrained, tmp_
 def test_token_dtype_widens_only_when_needed():
     assert token_dtype([1024]) == np.uint16 and token_dtype([65_535, 16]) == np.uint16
     assert token_dtype([65_536]) == np.int32 and token_dtype([2**16, 2**18]) == np.int32
+    # binary sub-tokens of 32 bits and more: codes from 2^31 on overflow int32
+    assert token_dtype([2**31]) == np.int32 and token_dtype([2**31 + 1]) == np.int64
+    assert token_dtype([2**32] * 4) == np.int64 and token_dtype([16, 2**62]) == np.int64
+    codes = np.array([0, 2**31, 2**62 - 1])
+    assert (codes.astype(token_dtype([2**62])) == codes).all()

@@ -431,12 +431,14 @@ def test_two_process_training_on_shards_gives_every_rank_equal_batches(shards, t
     overrides = ["data=webdataset", f"data.urls={urls}", f"data.val_urls={urls}", "data.resampled=false",
                  "data.num_workers=1", "data.epoch_length=8", "data.shuffle_buffer=0", *TINY, "trainer.devices=2",
                  "trainer.max_steps=4", "trainer.val_check_interval=2", "checkpoint.every_n_steps=4",
-                 "loss.disc_start=100", f"hydra.run.dir={run_dir}"]
+                 "loss.disc_start=100", f"hydra.run.dir={run_dir}", "hydra.verbose=imagetok.data.webdataset"]
     proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, IMAGETOK_OFFLINE="1"), timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["generator_steps"] == 4 and summary["ranks_in_sync"] is True
-    for rank in (0, 1):  # Lightning called set_epoch on both ranks, for both epochs
-        assert f"epoch 0 on rank {rank} of 2" in output and f"epoch 1 on rank {rank} of 2" in output
+    for epoch in (0, 1):  # Lightning called set_epoch on both ranks, for both epochs; INFO on rank 0 alone
+        assert f"[INFO] - training shards: epoch {epoch} on rank 0 of 2" in output
+        assert f"[DEBUG] - training shards: epoch {epoch} on rank 1 of 2" in output
+        assert f"[INFO] - training shards: epoch {epoch} on rank 1" not in output

@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from imagetok.data.transforms import to_model_range
 from imagetok.errors import check
@@ -78,6 +78,22 @@ class ResumableBatchSampler(BatchSampler):
         return islice(super().__iter__(), skip, None)
 
 
+def batches_to_skip(state_dict: dict[str, int], batch_size: int, batches_per_pass: int) -> int:
+    """Batches of the current pass that a loader leaves out after a resume.
+
+    ``state_dict``: a loader's saved position, ``{"batches_served": n, "batch_size": b}``; ``batch_size``
+    and ``batches_per_pass`` describe the loader now. A changed batch size leaves out the same number
+    of samples (``n * b // batch_size`` batches); a finished pass leaves out nothing, as Lightning then
+    moves on to the next epoch, which is a fresh pass.
+    """
+    served, saved_batch_size = int(state_dict["batches_served"]), int(state_dict["batch_size"])
+    if saved_batch_size != batch_size:
+        served = served * saved_batch_size // batch_size
+        log.warning("resuming with batch size %d instead of %d: leaving out %d batches of the current pass",
+                    batch_size, saved_batch_size, served)
+    return served if served < batches_per_pass else 0
+
+
 class ResumableDataLoader(DataLoader):
     """A plain ``DataLoader`` whose ``state_dict`` is the number of batches of the current pass it has
     handed out; Lightning saves it with every checkpoint (it saves any loader with ``state_dict``)
@@ -101,13 +117,7 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         if not isinstance(self.batch_sampler, ResumableBatchSampler):
             raise TypeError(f"cannot resume mid-epoch: the batch sampler {type(self.batch_sampler).__name__} cannot skip batches")
-        served, batch_size = int(state_dict["batches_served"]), int(state_dict["batch_size"])
-        if batch_size != self._batch_size():  # a changed batch size: skip the same number of samples
-            served = served * batch_size // self._batch_size()
-            log.warning("resuming with batch size %d instead of %d: skipping %d batches of the current pass",
-                        self._batch_size(), batch_size, served)
-        # A finished pass is followed by a fresh one (Lightning moves on to the next epoch).
-        self.batch_sampler.skip_next = served if served < len(self.batch_sampler) else 0
+        self.batch_sampler.skip_next = batches_to_skip(state_dict, self._batch_size(), len(self.batch_sampler))
         self.batches_served = self.batch_sampler.skip_next
 
     def _batch_size(self) -> int:
@@ -132,10 +142,15 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataset(self) -> Dataset: ...
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``train_dataset()``, which must be a :class:`CropDataset`: its order and crops are a
+        function of ``(seed, epoch)``, so a resumed run continues with the batches it would have had.
+        A stream overrides this method instead (see ``WebDataModule``)."""
         dataset = self.train_dataset()
-        seed = dataset.seed if isinstance(dataset, CropDataset) else 0
-        sampler = EpochShuffleSampler(dataset) if isinstance(dataset, CropDataset) else \
-            RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        if not isinstance(dataset, CropDataset):
+            raise TypeError(f"{type(self).__name__}.train_dataset() returned a {type(dataset).__name__}; "
+                            "train_dataloader needs a CropDataset, whose batches resume exactly")
+        seed = dataset.seed
+        sampler = EpochShuffleSampler(dataset)
         # Own generator: creating an iterator draws the worker base seed from it, not from the global
         # stream the training step uses (which a resume restores; see training/rng_state.py).
         return ResumableDataLoader(dataset, batch_sampler=ResumableBatchSampler(sampler, self.batch_size, drop_last=True),

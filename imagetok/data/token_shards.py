@@ -3,8 +3,8 @@
 Layout of a shard directory::
 
     index.json            tokenizer identity, token shape, dtype, number of images, shard list
-    tokens-00000.npy      [n, h, w, K] uint16 (every codebook <= 65,535 entries) or int32
-    ...
+    tokens-00000.npy      [n, h, w, K] uint16 (every codebook <= 65,535 entries), int32 (every code
+    ...                   < 2^31) or int64 (larger binary sub-tokens, up to 2^62 codes)
 
 Shard ``k`` holds images ``[k * shard_size, (k + 1) * shard_size)`` of the source split in order.
 """
@@ -22,9 +22,14 @@ INDEX_NAME = "index.json"
 
 
 def token_dtype(codebook_sizes: list[int]) -> np.dtype:
-    """uint16 while no codebook exceeds 65,535 entries (as the downstream convention asks; a
-    65,536-entry codebook would still fit, but is stored as int32 like every larger one), else int32."""
-    return np.dtype(np.uint16) if max(codebook_sizes) <= 65_535 else np.dtype(np.int32)
+    """The shards' dtype, by the largest code ``max(codebook_sizes) - 1``: uint16 while no codebook
+    exceeds 65,535 entries (as the downstream convention asks; a 65,536-entry codebook would still fit,
+    but is stored as int32 like every larger one), int32 while every code is below 2^31, else int64
+    (binary sub-tokens of 32 to 62 bits, whose codes would overflow int32)."""
+    largest = max(codebook_sizes)
+    if largest <= 65_535:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32) if largest - 1 <= np.iinfo(np.int32).max else np.dtype(np.int64)
 
 
 def shard_name(k: int) -> str:

@@ -23,7 +23,7 @@ from webdataset.autodecode import DecodingError
 from webdataset.shardlists import expand_urls
 
 from imagetok.data.corrupt import CorruptSampleGuard
-from imagetok.data.datamodule import ImageDataModule
+from imagetok.data.datamodule import ImageDataModule, batches_to_skip
 from imagetok.data.transforms import make_crop, to_model_range
 from imagetok.errors import ConfigValueError, check
 
@@ -94,7 +94,9 @@ class ShardImages(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every training epoch start; the epoch seeds shards, shuffle and crops."""
         self.epoch = epoch
-        log.info("training shards: epoch %d on rank %d of %d", epoch, self.rank, self.world)
+        # one line per epoch at INFO (rank 0's); every rank's at DEBUG (hydra.verbose=imagetok.data.webdataset)
+        log.log(logging.INFO if self.rank == 0 else logging.DEBUG, "training shards: epoch %d on rank %d of %d",
+                epoch, self.rank, self.world)
 
     def _split_by_rank(self, shards: Iterator[dict]) -> Iterator[dict]:
         return itertools.islice(shards, self.rank, None, self.world)
@@ -182,12 +184,7 @@ class EpochWebLoader(wds.WebLoader):
         return {"batches_served": self.batches_served, "batch_size": self.sampler.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        served, batch_size = int(state_dict["batches_served"]), int(state_dict["batch_size"])
-        if batch_size != self.sampler.batch_size:  # a changed batch size: leave out the same number of images
-            served = served * batch_size // self.sampler.batch_size
-            log.warning("resuming with batch size %d instead of %d: leaving out %d batches of the current epoch",
-                        self.sampler.batch_size, batch_size, served)
-        self.skip_next = served if served < len(self) else 0  # a finished epoch is followed by a fresh one
+        self.skip_next = batches_to_skip(state_dict, self.sampler.batch_size, len(self))
         self.batches_served = self.skip_next
 
 

@@ -7,31 +7,39 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from imagetok.evaluation.codebook import CodeCounts
+
+MAX_BARS = 2048  # a larger codebook is drawn as counts per range of code indices
 
 
-def plot_usage_histograms(per_codebook: list[torch.Tensor], path: str | Path) -> None:
-    """One panel per sub-codebook: how often each code index was used (counts ``[K]`` each)."""
+def plot_usage_histograms(per_codebook: list[CodeCounts], path: str | Path) -> None:
+    """One panel per sub-codebook: how often each code index was used, or, above ``MAX_BARS`` codes,
+    how many tokens fell in each of ``MAX_BARS`` equal ranges of code indices."""
     n = len(per_codebook)
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n), squeeze=False)
-    for k, (ax, counts) in enumerate(zip(axes[:, 0], per_codebook)):
-        counts = counts.double().cpu()
-        ax.bar(range(counts.numel()), counts.numpy(), width=1.0, color="tab:blue")
-        used = int((counts > 0).sum())
-        ax.set_title(f"sub-codebook {k}: {used}/{counts.numel()} codes used ({100 * used / counts.numel():.1f}%)")
-        ax.set_xlabel("code index")
+    for k, (ax, c) in enumerate(zip(axes[:, 0], per_codebook)):
+        size, used = c.codebook_size, int(c.codes.numel())
+        bars = min(size, MAX_BARS)
+        # float64 bin edges: code indices up to 2^62 stay ordered, and the counts are exact integers
+        heights, edges = np.histogram(c.codes.cpu().double().numpy(), bins=bars, range=(0, size),
+                                      weights=c.counts.cpu().double().numpy())
+        ax.bar(edges[:-1], heights, width=size / bars, align="edge", color="tab:blue")
+        ax.set_title(f"sub-codebook {k}: {used}/{size} codes used ({100 * used / size:.3g}%)")
+        ax.set_xlabel("code index" if bars == size else f"code index (bins of {size / bars:.3g} codes)")
         ax.set_ylabel("count")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_rank_frequency(per_codebook: list[torch.Tensor], exponents: list[float], path: str | Path) -> None:
+def plot_rank_frequency(per_codebook: list[CodeCounts], exponents: list[float], path: str | Path) -> None:
     """Log-log rank-frequency curve of each sub-codebook's used codes, with the fitted Zipf exponent."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for k, (counts, s) in enumerate(zip(per_codebook, exponents)):
-        freq = counts[counts > 0].double().sort(descending=True).values.cpu()
+    for k, (c, s) in enumerate(zip(per_codebook, exponents)):
+        freq = c.counts[c.counts > 0].double().sort(descending=True).values.cpu()
         if freq.numel():
             ax.loglog(range(1, freq.numel() + 1), (freq / freq.sum()).numpy(), label=f"sub-codebook {k} (s={s:.2f})")
     ax.set_xlabel("rank")

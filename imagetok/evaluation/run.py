@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from imagetok.data.inference import InferenceImages
 from imagetok.errors import ConfigValueError, check
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference, save_reference
@@ -60,8 +62,8 @@ def _versions() -> dict[str, str]:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size and device. Under ``torchrun`` (``WORLD_SIZE`` > 1) a process group is started
-    (NCCL on GPUs, gloo on CPUs) and each rank takes every ``world``-th image, so every image is
-    counted exactly once; statistics are then summed over ranks."""
+    (NCCL on GPUs, gloo on CPUs) and each rank takes every ``world``-th image (of a stream: its own
+    shards), so every image is counted exactly once; statistics are then summed over ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -89,12 +91,19 @@ def validate_eval_config(e: DictConfig) -> None:
 def prefix_lengths(tokenizer: Tokenizer, num_tokens: Any) -> list[int]:
     """Token counts ``k`` at which ``eval.num_tokens`` asks for the PSNR of ``decode(ids[:, :k])``: ``null``
     picks the powers of two below ``N`` and ``N`` for a variable-length 1D tokenizer (none otherwise),
-    ``[]`` turns it off, a list is taken as given (each in ``1..N``, 1D tokenizers only)."""
+    ``[]`` turns it off, a list is taken as given (each in ``1..N``, 1D tokenizers only), and a single
+    integer ``k`` is the list ``[k]``."""
     if num_tokens is None:
         if not tokenizer.variable_length:
             return []
         n = tokenizer.encoder.num_latent_tokens
         return sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+    if isinstance(num_tokens, int) and not isinstance(num_tokens, bool):
+        num_tokens = [num_tokens]
+    what = "null, [] or a list of token counts (e.g. [1, 4, 16]); a single integer k counts as [k]"
+    check(isinstance(num_tokens, Sequence) and not isinstance(num_tokens, str), "eval.num_tokens", num_tokens, what)
+    check(all(isinstance(k, int) and not isinstance(k, bool) for k in num_tokens), "eval.num_tokens",
+          list(num_tokens), what)
     counts = [int(k) for k in num_tokens]
     if counts and not tokenizer.is_sequence:
         raise ConfigValueError("eval.num_tokens", counts, "null or [] for a tokenizer whose tokens form a grid "
@@ -127,10 +136,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if e.num_images is not None and "val_samples" in data_cfg:  # the sample data draws as many crops as asked
         data_cfg.val_samples = e.num_images
     datamodule = instantiate_part(data_cfg, "data")
-    dataset = datamodule.val_dataset()
-    total = len(dataset) if e.num_images is None else min(e.num_images, len(dataset))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, total, world)), batch_size=e.batch_size,
-                                         num_workers=datamodule.num_workers)
+    # a webdataset stream gives each rank its own shards; an indexed split is divided by image index
+    images_of_rank = InferenceImages(datamodule.val_dataset(), batch_size=e.batch_size, num_workers=datamodule.num_workers,
+                                     num_images=e.num_images, rank=rank, world=world)
+    total = images_of_rank.total  # over all ranks; for a stream at most this many, or None (unknown)
 
     wanted = set(e.metrics)
     psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) if "psnr" in wanted else None
@@ -143,7 +152,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     inception = None
     if "fid" in wanted:
         inception = InceptionFeatures(str(e.feature_layer), e.inception_weights, random_weights=e.random_weights).to(device)
-        if total < inception.dim and e.fid_reference == "originals" and not e.force:
+        if total is not None and total < inception.dim and e.fid_reference == "originals" and not e.force:
             raise ConfigValueError("eval.num_images", total, f">= the feature dimension {inception.dim} for a "
                                    "full-rank covariance (or eval.force=true to compute a rank-deficient FID anyway)")
     stats_real = FeatureStatistics(inception.dim) if inception else None
@@ -153,9 +162,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     prefix_psnr = {k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for k in prefixes}
     lpips_sum, seen, grid = 0.0, 0, None
 
-    with torch.no_grad(), tqdm(total=len(loader.dataset), desc=f"evaluate (rank {rank}/{world})" if world > 1
+    with torch.no_grad(), tqdm(total=images_of_rank.expected, desc=f"evaluate (rank {rank}/{world})" if world > 1
                                else "evaluate", unit="img", disable=rank != 0) as bar:
-        for images in loader:  # [B, 3, H, W] in [-1, 1]
+        for images in images_of_rank:  # [B, 3, H, W] in [-1, 1]
             images = images.to(device)
             recon, quant = tokenizer(images)
             if e.round_to_uint8:
@@ -185,7 +194,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seen, lpips_sum = (float(all_reduce_sum(torch.tensor(v, dtype=torch.float64, device=device)))
                        for v in (float(seen), lpips_sum))
     seen = int(seen)
-    all_reduce_sum(usage.counts)
+    with usage.sync_context():  # every rank's counts (a collective: every rank reaches it)
+        per_codebook = [c.cpu() for c in usage.per_codebook()]
+    if seen == 0:
+        raise ConfigValueError("data", data_cfg._target_, "a validation split with at least one image")
+    if inception is not None and seen < inception.dim and e.fid_reference == "originals" and not e.force:
+        # a stream's length is known only now (the same check as above, on every rank alike)
+        raise ConfigValueError("eval.num_images", e.num_images, f"a split of >= {inception.dim} images (the "
+                               f"feature dimension, for a full-rank covariance): only {seen} were read (or "
+                               "eval.force=true to compute a rank-deficient FID anyway)")
     results: dict[str, Any] = {"num_images": seen}
     if psnr is not None:
         results["psnr"] = float(psnr.compute())
@@ -211,8 +228,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             results["saved_reference"] = str(e.save_reference)
     if prefix_psnr:
         results["psnr_vs_tokens"] = {str(k): float(metric.compute()) for k, metric in prefix_psnr.items()}
-    per_codebook = [c.cpu() for c in usage.per_codebook()]
-    token_stats = [token_statistics(c) for c in per_codebook]
+    token_stats = [token_statistics(c.counts, c.codebook_size) for c in per_codebook]
     if "tokens" in wanted:
         results["tokens"] = token_stats
         results["codebook_usage"] = sum(s["usage"] for s in token_stats) / len(token_stats)

@@ -19,14 +19,18 @@ def zipf_exponent(counts: torch.Tensor) -> float:
     return float(-(x * y).sum() / (x * x).sum())
 
 
-def token_statistics(counts: torch.Tensor) -> dict[str, float]:
-    """For one sub-codebook's counts ``[K]``: ``usage`` (codes used at least once / K, in [0, 1]),
-    ``perplexity`` (exp of the unigram entropy, in [1, K]), ``entropy_bits`` (unigram entropy in bits,
-    at most log2 K), ``zipf_exponent`` and ``tokens`` (how many were counted)."""
+def token_statistics(counts: torch.Tensor, codebook_size: int | None = None) -> dict[str, float]:
+    """For one sub-codebook's counts: ``usage`` (codes used at least once / size, in [0, 1]),
+    ``perplexity`` (exp of the unigram entropy, in [1, size]), ``entropy_bits`` (unigram entropy in
+    bits, at most log2 size), ``zipf_exponent``, ``tokens`` (how many were counted) and ``codebook_size``.
+
+    ``counts``: one count per code ``[size]``, or only the used codes' counts (``CodeCounts.counts``)
+    together with ``codebook_size``, for codebooks too large to list (zeros never matter here)."""
+    size = int(counts.numel()) if codebook_size is None else int(codebook_size)
     total = int(counts.sum())
     probs = counts.double() / max(total, 1)
     nonzero = probs[probs > 0]
     entropy_nats = float(-(nonzero * nonzero.log()).sum())
-    return {"usage": float((counts > 0).double().mean()), "perplexity": math.exp(entropy_nats),
+    return {"usage": int((counts > 0).sum()) / size, "perplexity": math.exp(entropy_nats),
             "entropy_bits": entropy_nats / math.log(2), "zipf_exponent": zipf_exponent(counts),
-            "tokens": total, "codebook_size": int(counts.numel())}
+            "tokens": total, "codebook_size": size}

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers._utils import count_statistics
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
-MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare
+MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare (counted sparsely in evaluation)
 
 
 def bits_to_subtokens(bits: torch.Tensor, bits_per_token: int) -> torch.Tensor:
@@ -121,6 +121,10 @@ class BinaryQuantizer(Quantizer):
         super().__init__()
         check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
         check(isinstance(bits, int) and bits >= 1, "bits", bits, "a positive integer (e.g. 18, 128)")
+        # null = every bit in one sub-token; beyond 62 bits a token has no integer to live in
+        check(bits_per_token is not None or bits <= MAX_TOKEN_BITS, "bits_per_token", bits_per_token,
+              f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16): null puts all {bits} bits in one "
+              f"sub-token, which works only up to {MAX_TOKEN_BITS} bits")
         bits_per_token = bits if bits_per_token is None else bits_per_token
         check(isinstance(bits_per_token, int) and 1 <= bits_per_token <= MAX_TOKEN_BITS and bits % bits_per_token == 0,
               "bits_per_token", bits_per_token, f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16)")
@@ -189,9 +193,7 @@ class BinaryQuantizer(Quantizer):
         check(indices.shape[-1] == self.num_tokens, "indices", tuple(indices.shape),
               f"shape [B, *spatial, {self.num_tokens}]")
         size = 2**self.bits_per_token
-        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < size)).all()):
-            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
-                                   f"integers in [0, {size})")
+        U.check_index_range(indices, size)
         with U.float32_math(indices.device):
             bits = subtokens_to_bits(indices.reshape(-1, self.num_tokens), self.bits_per_token)  # [T, d]
             out = self.project_out(self._codes(bits))  # [T, dim]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from einops import rearrange
+
+from imagetok.errors import ConfigValueError
 
 
 def to_tokens(z: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -30,6 +32,32 @@ def to_tokens(z: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], t
 def index_shape(z: torch.Tensor) -> tuple[int, ...]:
     """Shape of the index grid for latents ``z``: ``(B, *spatial)`` or ``(B, N)``."""
     return tuple(z.shape[:2]) if z.ndim == 3 else (z.shape[0], *z.shape[2:])
+
+
+def check_index_range(indices: torch.Tensor, sizes: int | Sequence[int]) -> None:
+    """Raise :class:`ConfigValueError` (key ``indices``) unless every index lies in ``[0, size)``.
+
+    ``indices``: integer tensor ``[..., K]``; ``sizes``: one vocabulary size for every entry, or one per
+    sub-token (``K`` of them, as ``codebook_sizes``). One host sync; the message is built only on
+    failure. An exported program (serving) cannot raise a data-dependent Python error, so while
+    exporting nothing is checked and out-of-range indices are the caller's to avoid.
+    """
+    if torch.compiler.is_exporting():
+        return
+    if not isinstance(sizes, int):
+        sizes = [int(s) for s in sizes]
+        if len(set(sizes)) == 1:
+            sizes = sizes[0]
+    bound = sizes if isinstance(sizes, int) else torch.tensor(sizes, dtype=torch.long, device=indices.device)
+    if bool(((indices >= 0) & (indices < bound)).all()):
+        return
+    if isinstance(sizes, int):
+        raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
+                               f"integers in [0, {sizes})")
+    flat = indices.reshape(-1, len(sizes))
+    k = next(k for k, size in enumerate(sizes) if not bool(((flat[:, k] >= 0) & (flat[:, k] < size)).all()))
+    raise ConfigValueError("indices", f"sub-token {k} in range [{int(flat[:, k].min())}, {int(flat[:, k].max())}]",
+                           f"integers in [0, size) per sub-token, sizes {sizes}")
 
 
 @contextlib.contextmanager

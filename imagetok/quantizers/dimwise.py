@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
@@ -151,15 +151,11 @@ class DimensionWiseQuantizer(Quantizer):
             continuous = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if self.training else mean
             quantized = self.lookup(idx) + (mean - mean.detach())  # value exactly the bin's, gradient to the mean
             out = torch.where(self.fitted, quantized, continuous)  # a select, not a host sync on `fitted`
-        counts = torch.zeros(self.out_dim, self.num_bins, device=z.device).scatter_add_(
-            1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float32))  # [C, K]
         metrics = {"kl": kl.detach(), "posterior_std": torch.exp(0.5 * logvar).mean().detach(),
                    "latent_std": mean.detach().std(0).mean() if mean.shape[0] > 1 else mean.new_zeros(())}
-        for c in range(self.out_dim):
-            probs = counts[c] / counts[c].sum().clamp_min(1)
-            metrics[f"batch_usage/ch{c}"] = (counts[c] > 0).float().mean()
-            metrics[f"perplexity/ch{c}"] = U.perplexity(counts[c])
-            metrics[f"entropy_bits/ch{c}"] = -(probs * torch.log2(probs.clamp_min(1e-10))).sum()
+        for c in range(self.out_dim):  # each channel is its own sub-codebook of num_bins values
+            for name, value in U.count_statistics(idx[:, c], self.num_bins).items():
+                metrics[f"{name}/ch{c}"] = value
         return QuantizerOutput(z_q=restore(out), indices=idx.reshape(*U.index_shape(z), self.out_dim),
                                loss=self.kl_weight * kl, metrics=metrics)
 
@@ -167,9 +163,7 @@ class DimensionWiseQuantizer(Quantizer):
         if not torch.compiler.is_exporting():
             self.check_fitted()
         check(indices.shape[-1] == self.out_dim, "indices", tuple(indices.shape), f"shape [B, *spatial, {self.out_dim}]")
-        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < self.num_bins)).all()):
-            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
-                                   f"integers in [0, {self.num_bins})")
+        U.check_index_range(indices, self.num_bins)
         with U.float32_math(indices.device):
             out = self.lookup(indices.reshape(-1, self.out_dim)).reshape(indices.shape)
         return out if channels_last else out.movedim(-1, 1)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
@@ -88,9 +88,7 @@ class FiniteScalarQuantizer(Quantizer):
 
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         check(indices.shape[-1] == 1, "indices", tuple(indices.shape), "shape [B, *spatial, 1]")
-        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < self.size)).all()):
-            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
-                                   f"integers in [0, {self.size})")
+        U.check_index_range(indices, self.size)
         with U.float32_math(indices.device):
             flat = indices.reshape(-1, 1)
             digits = torch.div(flat, self._basis, rounding_mode="floor") % self._levels.long()  # [T, d]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,26 @@ from imagetok.errors import ConfigValueError, check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 from imagetok.quantizers.vq import VectorQuantizer
+
+
+def refiner_of_scale(num_scales: int, num_refiners: int) -> list[int | None]:
+    """Which refiner ``phi`` each of ``num_scales`` scales uses (VAR's ``PhiPartiallyShared``), or None
+    for every scale when ``num_refiners`` is 0.
+
+    Scale ``k`` sits at ``k / (K - 1)`` on ``[0, 1]`` (a single scale at 1, the finest) and takes the
+    refiner whose tick is nearest. VAR places ``n`` ticks evenly from ``1 / (3n)`` to ``1 - 1 / (3n)``
+    when ``n = 4`` (its setting) and at the bin centres ``(j + 1/2) / n`` otherwise. The distances are
+    computed as VAR does (numpy float64 ``linspace``, ``argmin``), because a schedule can put a scale
+    exactly halfway between two ticks and only the rounding decides: VAR's 10 scales put scale 2 at
+    2/9, halfway between 1/12 and 13/36, and it takes refiner 1. VAR's 10 scales with 4 refiners give
+    ``[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]``.
+    """
+    if num_refiners == 0:
+        return [None] * num_scales
+    margin = 1 / (3 * num_refiners) if num_refiners == 4 else 1 / (2 * num_refiners)
+    ticks = np.linspace(margin, 1 - margin, num_refiners)
+    positions = [k / (num_scales - 1) if num_scales > 1 else 1.0 for k in range(num_scales)]
+    return [int(np.argmin(np.abs(ticks - p))) for p in positions]
 
 
 class MultiScaleResidualQuantizer(Quantizer):
@@ -35,7 +56,7 @@ class MultiScaleResidualQuantizer(Quantizer):
             size (square latents), e.g. ``[1, 2, 3, 4, 6, 8]`` for 8x8 latents (VAR at 16x16:
             ``[1, 2, 3, 4, 5, 6, 8, 10, 13, 16]``, 680 tokens).
         num_refiners: convolutions ``phi`` shared across the scales (VAR: 4); scale ``k`` uses the one
-            whose position in ``[0, 1]`` is nearest to ``k / (K - 1)``. 0 disables refinement.
+            whose tick is nearest to ``k / (K - 1)`` (see :func:`refiner_of_scale`). 0 disables refinement.
         refine_ratio: ``r`` in ``phi(x) = (1 - r) x + r conv3x3(x)`` (VAR: 0.5).
         upsample: interpolation of code maps to the latent size, ``"bicubic"`` (VAR) or ``"bilinear"``.
         beta: commitment weight of VAR's loss (below).
@@ -73,11 +94,8 @@ class MultiScaleResidualQuantizer(Quantizer):
         # the VectorQuantizer's own beta is unused: this module computes VAR's loss itself
         self.vq = VectorQuantizer(dim=dim, codebook_size=codebook_size, **vq)
         self.refiners = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refiners))
-        k = len(scales)
-        positions = [i / (k - 1) if k > 1 else 1.0 for i in range(k)]
-        # refiner j sits at (j + 1/2) / n on [0, 1]; each scale takes the nearest one
-        self.refiner_of_scale = [min(num_refiners - 1, int(p * num_refiners)) if num_refiners else None for p in positions]
-        self.prefix_lengths = [sum(s * s for s in scales[: i + 1]) for i in range(k)]
+        self.refiner_of_scale = refiner_of_scale(len(scales), num_refiners)
+        self.prefix_lengths = [sum(s * s for s in scales[: i + 1]) for i in range(len(scales))]
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -95,8 +113,11 @@ class MultiScaleResidualQuantizer(Quantizer):
     def _check_latent_size(self, latent_hw: tuple[int, ...]) -> None:
         side = self.scales[-1]
         if tuple(latent_hw) != (side, side):
-            raise ConfigValueError("scales", self.scales, f"a schedule whose last size equals the latent size "
-                                   f"{'x'.join(map(str, latent_hw))} (square latents; change the image size or the scales)")
+            # Raised after construction (Tokenizer.token_shape, forward), where no builder prefixes the
+            # key; the multi-scale quantizer is always a tokenizer config's top-level `quantizer`.
+            raise ConfigValueError("quantizer.scales", self.scales, f"a schedule whose last size equals the latent "
+                                   f"size {'x'.join(map(str, latent_hw))} (data.image_size / the encoder's "
+                                   "downsampling factor; square latents): change data.image_size or quantizer.scales")
 
     # ---- the two halves of one scale, shared by forward and indices_to_latents (bitwise equal) --------
 
@@ -143,11 +164,8 @@ class MultiScaleResidualQuantizer(Quantizer):
             # straight-through: the value is exactly f_hat (f - sg(f) is exactly 0), the gradient goes to f
             z_q = (f_hat.detach() + (f - f.detach())).contiguous()
         indices = self.indices_from_scale_maps(token_maps)
-        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size)
         metrics["commitment"] = F.mse_loss(f_hat.detach(), f.detach())
-        metrics["perplexity"] = U.perplexity(counts)
-        metrics["entropy_bits"] = torch.log2(metrics["perplexity"])
-        metrics["batch_usage"] = (counts > 0).float().mean()
+        metrics.update(U.count_statistics(indices.reshape(-1), self.codebook_size))  # over all scales' tokens
         if self.training:
             metrics["usage"] = self.vq.window_usage()
         return QuantizerOutput(z_q=z_q, indices=indices, loss=loss, metrics=metrics)
@@ -180,10 +198,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         ``h = w = scales[-1]``. With all ``sum(s_k^2)`` tokens this equals ``z_q`` of an eval-mode forward
         exactly; a prefix of the first ``m`` scales gives the coarser latent after ``m`` scales."""
         maps = self.scale_maps(indices)
-        # one sync for the whole sequence; an exported program cannot raise a data-dependent error
-        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < self.codebook_size)).all()):
-            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
-                                   f"integers in [0, {self.codebook_size})")
+        U.check_index_range(indices, self.codebook_size)
         side = self.scales[-1]
         with U.float32_math(indices.device):
             f_hat = torch.zeros(indices.shape[0], self.dim, side, side, device=indices.device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import check
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
@@ -140,11 +140,7 @@ class VectorQuantizer(Quantizer):
 
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         check(indices.shape[-1] == 1, "indices", tuple(indices.shape), "shape [B, *spatial, 1]")
-        # one sync, message built only on failure; an exported program (serving) cannot raise a
-        # data-dependent Python error, so there out-of-range indices are the caller's to avoid
-        if not torch.compiler.is_exporting() and not bool(((indices >= 0) & (indices < self.codebook_size)).all()):
-            raise ConfigValueError("indices", f"range [{int(indices.min())}, {int(indices.max())}]",
-                                   f"integers in [0, {self.codebook_size})")
+        U.check_index_range(indices, self.codebook_size)
         with U.float32_math(indices.device):
             flat = indices.reshape(-1)
             out = self.project_out(F.embedding(flat, self._codes()))  # [T, dim]

@@ -71,6 +71,7 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
     # The tokenizer before the loss: a bad model value should not wait for LPIPS weights to be looked up.
     tok_config = tokenizer_config(cfg)
     tokenizer = Tokenizer.from_config(tok_config)
+    tokenizer.token_shape(cfg.data.image_size)  # a token layout that cannot hold this image size fails here
     loss = instantiate_part(cfg.loss, "loss")
     module = TokenizerTrainingModule(
         tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),

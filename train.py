@@ -9,8 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from imagetok.data.imagefolder import ImageLoadError
-from imagetok.errors import ConfigValueError, MissingWeightsError
+from imagetok.errors import USER_ERRORS
 from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, resume_setting
 from imagetok.training.run import train
 
@@ -31,7 +30,7 @@ def main(cfg: DictConfig) -> None:
                                                os.environ.get("SLURM_RESTART_COUNT"))
         cfg.resume, cfg.resume_search_dir = resume, search_dir
         train(cfg, hydra_cfg.runtime.output_dir)
-    except (ConfigValueError, MissingWeightsError, ImageLoadError) as err:
+    except USER_ERRORS as err:
         logging.getLogger("imagetok").error("error: %s", err)
         sys.exit(2)
     except FloatingPointError as err:  # optim.nonfinite: the loss diverged; no checkpoint was touched

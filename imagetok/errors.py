@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -19,6 +23,30 @@ class ConfigValueError(ValueError):
 
 class MissingWeightsError(RuntimeError):
     """Pretrained weights (LPIPS VGG, FID Inception, teachers) are neither on disk nor downloadable."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or save_pretrained directory is not what it should be: not ours, corrupt JSON, or
+    weights that do not fit the config (the message lists the mismatched keys)."""
+
+
+class ImageLoadError(RuntimeError):
+    """An image file is missing, truncated or not an image; the message names the file."""
+
+
+# What a user can fix (a config value, a missing file or weights, unreadable data): one line, not a traceback.
+USER_ERRORS = (ConfigValueError, CheckpointError, MissingWeightsError, ImageLoadError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def exit_on_user_error(code: int = 2) -> Iterator[None]:
+    """For the command-line entry points: a :data:`USER_ERRORS` exception becomes one ``error: ...``
+    log line and exit status ``code``; anything else (a bug) keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        logging.getLogger("imagetok").error("error: %s", err)
+        sys.exit(code)
 
 
 def check(condition: bool, key: str, value: Any, allowed: str) -> None:

@@ -22,7 +22,6 @@ import copy
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from imagetok.data.inference import InferenceImages, is_stream
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import ConfigValueError, check, exit_on_user_error
 from imagetok.quantizers.dimwise import DimensionWiseQuantizer, empirical_bins, gaussian_bins
 from imagetok.tokenizer import Tokenizer
 
@@ -223,11 +222,8 @@ def fit(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="fit_quantizer")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         fit(cfg)
-    except (ConfigValueError, FileNotFoundError, ValueError) as err:
-        logging.getLogger("imagetok").error("error: %s", err)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

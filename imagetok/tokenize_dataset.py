@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from imagetok.data.inference import require_indexed
 from imagetok.data.token_shards import INDEX_NAME, shard_name, token_dtype
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import ConfigValueError, check, exit_on_user_error
 from imagetok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,11 +96,8 @@ def tokenize(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="tokenize_dataset")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         tokenize(cfg)
-    except (ConfigValueError, FileNotFoundError, ValueError) as err:
-        logging.getLogger("imagetok").error("error: %s", err)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,17 @@ def test_cli_reports_bad_value_in_one_line_without_traceback(tmp_path):
     assert "Traceback" not in output
     # the bad model value is reported before the loss looks for LPIPS weights
     assert "perceptual" not in output
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py"])
+def test_a_checkpoint_that_is_not_ours_is_one_line_in_every_entry_point(tmp_path, script):
+    import torch
+
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, bad)
+    extra = [f"out={tmp_path / 'out'}"] if script == "export.py" else [f"hydra.run.dir={tmp_path / 'eval'}"]
+    proc = subprocess.run([sys.executable, script, f"checkpoint={bad}", *extra], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, IMAGETOK_OFFLINE="1"), timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "is not an imagetok training checkpoint" in output
+    assert "Traceback" not in output

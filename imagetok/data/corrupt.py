@@ -7,13 +7,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from imagetok.errors import check
+from imagetok.errors import ImageLoadError, check
 
 log = logging.getLogger(__name__)
-
-
-class ImageLoadError(RuntimeError):
-    """An image file is missing, truncated or not an image; the message names the file."""
 
 
 class CorruptDataError(ImageLoadError):

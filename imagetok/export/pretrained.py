@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from imagetok.errors import ConfigValueError
+from imagetok.errors import CheckpointError, ConfigValueError
 
 if TYPE_CHECKING:
     from imagetok.tokenizer import Tokenizer
@@ -100,7 +100,7 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> "T
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err})") from None
+        raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("tokenizer"), dict):
         raise ConfigValueError("config.json:tokenizer", type(config.get("tokenizer") if isinstance(config, dict) else config).__name__,
                                "a mapping with encoder, quantizer and decoder _target_ entries")
@@ -108,6 +108,6 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> "T
     state = load_file(str(weights_path))
     report = key_mismatch_report(tokenizer, state)
     if report:
-        raise ValueError(f"{weights_path} does not match {config_path}:\n{report}")
+        raise CheckpointError(f"{weights_path} does not match {config_path}:\n{report}")
     tokenizer.load_state_dict(state, strict=True)
     return tokenizer.eval()

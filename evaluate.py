@@ -1,19 +1,7 @@
-"""Evaluate a tokenizer: ``python evaluate.py checkpoint=<ckpt or dir> [data=...] [eval.num_images=N]`` (see README)."""
+"""Thin wrapper kept at the top of the clone: ``python evaluate.py ...``, the same as ``imagetok-evaluate ...``
+(:mod:`imagetok.cli.evaluate`, over the config tree in ``configs/``)."""
 
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from imagetok.errors import exit_on_user_error
-from imagetok.evaluation.run import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        evaluate(cfg, HydraConfig.get().runtime.output_dir)
-
+from imagetok.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

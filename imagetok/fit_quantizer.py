@@ -220,7 +220,7 @@ def fit(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="fit_quantizer")
+@hydra.main(version_base="1.3", config_path="configs", config_name="fit_quantizer")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         fit(cfg)

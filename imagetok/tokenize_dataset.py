@@ -94,7 +94,7 @@ def tokenize(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="tokenize_dataset")
+@hydra.main(version_base="1.3", config_path="configs", config_name="tokenize_dataset")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         tokenize(cfg)

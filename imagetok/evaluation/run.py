@@ -1,8 +1,7 @@
 """``evaluate(cfg, run_dir)``: reconstruct an evaluation split and write every metric with its protocol.
 
-Per image the originals and reconstructions are rounded to uint8 first (as saved PNGs would hold
-them, ``eval.round_to_uint8``), then: PSNR and SSIM (torchmetrics), LPIPS-VGG (``lpips``), Inception
-features for FID (torch-fidelity's network), and exact token counts per sub-codebook.
+The measuring itself is :func:`imagetok.evaluation.reconstruction.evaluate_tokenizer` (shared with
+``compare.py``); this module loads the tokenizer and the split, and writes the files.
 """
 
 from __future__ import annotations
@@ -11,24 +10,18 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from imagetok.data.inference import InferenceImages
 from imagetok.errors import ConfigValueError, check
-from imagetok.evaluation.codebook import CodebookUsage
-from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference, save_reference
-from imagetok.evaluation.inception import InceptionFeatures
+from imagetok.evaluation.fid import save_reference
 from imagetok.evaluation.plots import plot_psnr_vs_tokens, plot_rank_frequency, plot_usage_histograms
-from imagetok.evaluation.tokens import token_statistics
-from imagetok.quantizers._utils import all_reduce_sum
+from imagetok.evaluation.reconstruction import build_metric_networks, evaluate_tokenizer, evaluation_protocol
 from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import reconstruction_grid, write_json_atomic
 
@@ -48,16 +41,6 @@ def load_tokenizer(checkpoint: str, weights: str) -> Tokenizer:
     if not path.is_file():
         raise ConfigValueError("checkpoint", checkpoint, "the path of an existing .ckpt file or save_pretrained directory")
     return Tokenizer.from_checkpoint(path, weights=weights)
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("imagetok", "torch", "torchmetrics", "torch-fidelity", "lpips"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -113,11 +96,6 @@ def prefix_lengths(tokenizer: Tokenizer, num_tokens: Any) -> list[int]:
     return sorted(set(counts))
 
 
-def _to_unit(recon: torch.Tensor, round_to_uint8: bool) -> torch.Tensor:
-    """Reconstruction in [-1, 1] -> [0, 1], rounded through uint8 when the protocol says so."""
-    return Tokenizer.to_uint8(recon).float() / 255 if round_to_uint8 else (recon.clamp(-1, 1) + 1) / 2
-
-
 def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on the ``cfg.data`` validation split; writes ``metrics.json``,
     ``summary.md``, ``reconstructions.png``, ``codebook_usage.png`` and ``token_rank_frequency.png``
@@ -139,127 +117,37 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # a webdataset stream gives each rank its own shards; an indexed split is divided by image index
     images_of_rank = InferenceImages(datamodule.val_dataset(), batch_size=e.batch_size, num_workers=datamodule.num_workers,
                                      num_images=e.num_images, rank=rank, world=world)
-    total = images_of_rank.total  # over all ranks; for a stream at most this many, or None (unknown)
-
-    wanted = set(e.metrics)
-    psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) if "psnr" in wanted else None
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device) if "ssim" in wanted else None
-    lpips_net = None
-    if "lpips" in wanted:
-        from imagetok.losses.perceptual import LPIPS
-
-        lpips_net = LPIPS(e.lpips_weights, random_backbone=e.random_weights, config_key="eval.lpips_weights").to(device)
-    inception = None
-    if "fid" in wanted:
-        inception = InceptionFeatures(str(e.feature_layer), e.inception_weights, random_weights=e.random_weights).to(device)
-        if total is not None and total < inception.dim and e.fid_reference == "originals" and not e.force:
-            raise ConfigValueError("eval.num_images", total, f">= the feature dimension {inception.dim} for a "
-                                   "full-rank covariance (or eval.force=true to compute a rank-deficient FID anyway)")
-    stats_real = FeatureStatistics(inception.dim) if inception else None
-    stats_fake = FeatureStatistics(inception.dim) if inception else None
-    usage = CodebookUsage(tokenizer.codebook_sizes).to(device)
+    networks = build_metric_networks(e, device, images_of_rank.total)  # total: over all ranks (None: unknown)
     prefixes = prefix_lengths(tokenizer, e.get("num_tokens"))
-    prefix_psnr = {k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for k in prefixes}
-    lpips_sum, seen, grid = 0.0, 0, None
+    run = evaluate_tokenizer(tokenizer, images_of_rank, e, networks, device=device, prefixes=prefixes,
+                             keep=range(min(8, e.batch_size)), expected=images_of_rank.expected,
+                             desc=f"evaluate (rank {rank}/{world})" if world > 1 else "evaluate",
+                             show_progress=rank == 0, data_target=data_cfg._target_)
+    seen = run.metrics["num_images"]
+    results = dict(run.metrics)
+    if "fid" in results and e.save_reference and rank == 0:
+        mu_real, sigma_real = run.real_statistics.mean_and_covariance()
+        save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
+                       inception=networks.inception.weights_identity, layer=networks.inception.feature_layer)
+        after_fid = list(results.items())
+        position = [k for k, _ in after_fid].index("fid") + 1
+        results = dict(after_fid[:position] + [("saved_reference", str(e.save_reference))] + after_fid[position:])
 
-    with torch.no_grad(), tqdm(total=images_of_rank.expected, desc=f"evaluate (rank {rank}/{world})" if world > 1
-                               else "evaluate", unit="img", disable=rank != 0) as bar:
-        for images in images_of_rank:  # [B, 3, H, W] in [-1, 1]
-            images = images.to(device)
-            recon, quant = tokenizer(images)
-            if e.round_to_uint8:
-                real_u8, fake_u8 = Tokenizer.to_uint8(images), Tokenizer.to_uint8(recon)
-            else:  # unrounded: uint8 only where a network demands it (Inception)
-                real_u8, fake_u8 = None, None
-            real = real_u8.float() / 255 if real_u8 is not None else (images.clamp(-1, 1) + 1) / 2
-            fake = fake_u8.float() / 255 if fake_u8 is not None else (recon.clamp(-1, 1) + 1) / 2
-            if psnr is not None:
-                psnr.update(fake, real)
-            if ssim is not None:
-                ssim.update(fake, real)
-            if lpips_net is not None:
-                lpips_sum += float(lpips_net(real * 2 - 1, fake * 2 - 1)) * images.shape[0]
-            if inception is not None:
-                stats_real.update(inception(real_u8 if real_u8 is not None else Tokenizer.to_uint8(images)))
-                stats_fake.update(inception(fake_u8 if fake_u8 is not None else Tokenizer.to_uint8(recon)))
-            usage.update(quant.indices)
-            for k, metric in prefix_psnr.items():  # the first k tokens alone, as a variable-length decoder takes them
-                metric.update(_to_unit(tokenizer.decode(quant.indices[:, :k]), e.round_to_uint8), real)
-            if grid is None:
-                grid = reconstruction_grid(images[:8].cpu(), recon[:8].cpu())
-            seen += images.shape[0]
-            bar.update(images.shape[0])
-
-    # every rank reaches these collectives; only the file writing below is rank 0's
-    seen, lpips_sum = (float(all_reduce_sum(torch.tensor(v, dtype=torch.float64, device=device)))
-                       for v in (float(seen), lpips_sum))
-    seen = int(seen)
-    with usage.sync_context():  # every rank's counts (a collective: every rank reaches it)
-        per_codebook = [c.cpu() for c in usage.per_codebook()]
-    if seen == 0:
-        raise ConfigValueError("data", data_cfg._target_, "a validation split with at least one image")
-    if inception is not None and seen < inception.dim and e.fid_reference == "originals" and not e.force:
-        # a stream's length is known only now (the same check as above, on every rank alike)
-        raise ConfigValueError("eval.num_images", e.num_images, f"a split of >= {inception.dim} images (the "
-                               f"feature dimension, for a full-rank covariance): only {seen} were read (or "
-                               "eval.force=true to compute a rank-deficient FID anyway)")
-    results: dict[str, Any] = {"num_images": seen}
-    if psnr is not None:
-        results["psnr"] = float(psnr.compute())
-    if ssim is not None:
-        results["ssim"] = float(ssim.compute())
-    if lpips_net is not None:
-        results["lpips"] = lpips_sum / seen
-    if inception is not None:
-        for s in (stats_real, stats_fake):
-            s.sync()
-        mu_fake, sigma_fake = stats_fake.mean_and_covariance()
-        if e.fid_reference == "originals":
-            mu_ref, sigma_ref = stats_real.mean_and_covariance()
-            reference = f"the {seen} original images of the evaluation split"
-        else:
-            mu_ref, sigma_ref = load_reference(e.fid_reference)
-            reference = f"statistics file {e.fid_reference}"
-        results["fid"] = frechet_distance(mu_ref, sigma_ref, mu_fake, sigma_fake)
-        if e.save_reference and rank == 0:
-            mu_real, sigma_real = stats_real.mean_and_covariance()
-            save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
-                           inception=inception.weights_identity, layer=inception.feature_layer)
-            results["saved_reference"] = str(e.save_reference)
-    if prefix_psnr:
-        results["psnr_vs_tokens"] = {str(k): float(metric.compute()) for k, metric in prefix_psnr.items()}
-    token_stats = [token_statistics(c.counts, c.codebook_size) for c in per_codebook]
-    if "tokens" in wanted:
-        results["tokens"] = token_stats
-        results["codebook_usage"] = sum(s["usage"] for s in token_stats) / len(token_stats)
-
-    results["protocol"] = {
-        "checkpoint": str(cfg.checkpoint), "weights": e.weights, "round_to_uint8": bool(e.round_to_uint8),
-        "evaluation_split": f"{data_cfg._target_} validation split, {seen} images, {cfg.data.image_size}px",
-        "crop": e.crop_policy, "fid_reference": reference if inception is not None else None,
-        "inception": ({"weights": inception.weights_identity, "layer": inception.feature_layer,
-                       "resize": "to 299x299 with TF1-compatible bilinear interpolation (torch-fidelity)"}
-                      if inception is not None else None),
-        "statistics": "float64 sums; unbiased covariance; Fréchet distance by symmetric eigendecomposition",
-        "lpips": ("LPIPS-VGG v0.1 (lpips package), random backbone (tests only)" if e.random_weights
-                  else "LPIPS-VGG v0.1 (lpips package)") if lpips_net is not None else None,
-        "ssim": "torchmetrics SSIM, gaussian window 11, sigma 1.5, data range 1, mean over the whole map (reflect-padded borders)" if ssim is not None else None,
-        "psnr": "mean over images of per-image PSNR, data range 1 (torchmetrics)" if psnr is not None else None,
-        "codebook_usage": "distinct codes over the whole split / codebook size, per sub-codebook (exact counts)",
-        "psnr_vs_tokens": ("PSNR as above of decode(encode(x)[:, :k]): the first k tokens of each 1D sequence"
-                           if prefix_psnr else None),
-        "versions": _versions(), "seed": cfg.seed}
-
-    results["protocol"]["world_size"] = world
+    split = f"{data_cfg._target_} validation split, {seen} images, {cfg.data.image_size}px"
+    results["protocol"] = {"checkpoint": str(cfg.checkpoint), "weights": e.weights,
+                           **evaluation_protocol(e, split, e.crop_policy, networks, run.fid_reference,
+                                                 bool(prefixes), cfg.seed),
+                           "world_size": world}
     if rank != 0:
         return results
+    per_codebook, token_stats = run.per_codebook, run.token_stats
     write_json_atomic(run_dir / "metrics.json", results)
     (run_dir / "summary.md").write_text(summary_table(results))
-    save_image(grid, run_dir / "reconstructions.png")
+    save_image(reconstruction_grid(run.originals, run.reconstructions), run_dir / "reconstructions.png")
     plot_usage_histograms(per_codebook, run_dir / "codebook_usage.png")
     plot_rank_frequency(per_codebook, [s["zipf_exponent"] for s in token_stats], run_dir / "token_rank_frequency.png")
     written = ["metrics.json", "summary.md", "reconstructions.png", "codebook_usage.png", "token_rank_frequency.png"]
-    if prefix_psnr:
+    if prefixes:
         plot_psnr_vs_tokens(results["psnr_vs_tokens"], results.get("psnr"), run_dir / "psnr_vs_tokens.png")
         written.append("psnr_vs_tokens.png")
     log.info("\n%s", summary_table(results))

@@ -38,14 +38,30 @@ class ImageLoadError(RuntimeError):
 USER_ERRORS = (ConfigValueError, CheckpointError, MissingWeightsError, ImageLoadError, FileNotFoundError)
 
 
+def user_message(err: BaseException) -> str:
+    """The one line to show for ``err``. An error raised inside a DataLoader worker comes back wrapped
+    with the worker's whole traceback in its message; only its last line (the original message) is kept."""
+    message = str(err)
+    if "Original Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return message
+
+
 @contextlib.contextmanager
 def exit_on_user_error(code: int = 2) -> Iterator[None]:
     """For the command-line entry points: a :data:`USER_ERRORS` exception becomes one ``error: ...``
     log line and exit status ``code``; anything else (a bug) keeps its traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         yield
     except USER_ERRORS as err:
-        logging.getLogger("imagetok").error("error: %s", err)
+        logging.getLogger("imagetok").error("error: %s", user_message(err))
+        sys.exit(code)
+    except MissingMandatoryValue as err:  # a `???` key the user did not give
+        key = err.full_key or "a required value"
+        logging.getLogger("imagetok").error("error: %s is required and was not given: add %s=... to the command line", key, key)
         sys.exit(code)
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from imagetok.data.inference import InferenceImages, is_stream
 from imagetok.errors import ConfigValueError, check, exit_on_user_error
+from imagetok.export.checkpoint import read_checkpoint
 from imagetok.quantizers.dimwise import DimensionWiseQuantizer, empirical_bins, gaussian_bins
 from imagetok.tokenizer import Tokenizer
 
@@ -194,7 +195,7 @@ def fit(cfg: DictConfig) -> Path:
     tokenizer.cpu()
 
     channels = channel_report(quantizer, stats)
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+    saved = read_checkpoint(path) if path.is_file() else {}
     run_config = (saved.get("hyper_parameters") or {}).get("config") or {}
     summary = {"method": cfg.method, "num_bins": quantizer.num_bins, "channels": quantizer.out_dim,
                "checkpoint": str(path), "weights": cfg.weights if path.is_file() else "as saved",

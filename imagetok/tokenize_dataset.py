@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import hydra
@@ -77,6 +78,11 @@ def tokenize(cfg: DictConfig) -> Path:
     todo = [k for k in mine if not (out / shard_name(k)).is_file()]
     log.info("rank %d/%d: %d of its %d shards to write (%d skipped as already complete), %d images, dtype %s",
              rank, world, len(todo), len(mine), len(mine) - len(todo), total, dtype.name)
+    to_write = sum(index["shards"][k]["count"] for k in todo)
+    log.info("%d images to tokenize on this rank (%s); the time estimate follows the first batch", to_write,
+             "num_images=%d" % total if cfg.num_images is not None else
+             f"the whole {cfg.split} split of {len(dataset)} images; num_images=N tokenizes the first N")
+    started = None
     with torch.no_grad(), tqdm(total=sum(index["shards"][k]["count"] for k in todo), unit="img", desc="tokenize",
                                disable=rank != 0) as bar:
         for k in todo:
@@ -85,8 +91,13 @@ def tokenize(cfg: DictConfig) -> Path:
             loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=datamodule.num_workers)
             tokens = []
             for images in loader:
+                tick = time.perf_counter()
                 tokens.append(tokenizer.encode(images).cpu().numpy().astype(dtype))
                 bar.update(images.shape[0])
+                if started is None:  # one batch timed: say up front how long the whole job will take
+                    started = time.perf_counter() - tick
+                    log.info("estimated %.1f minutes for %d images (%.0f images/s on the first batch)",
+                             started * to_write / images.shape[0] / 60, to_write, images.shape[0] / max(started, 1e-9))
             tmp = out / (shard_name(k) + ".tmp")
             with open(tmp, "wb") as handle:  # np.save would append .npy to the temporary name
                 np.save(handle, np.concatenate(tokens))

@@ -121,8 +121,23 @@ class Tokenizer(nn.Module):
         return tuple(self.quantizer.index_shape_for((height // f, width // f)))
 
     def quantize(self, images: torch.Tensor) -> QuantizerOutput:
-        """Images ``[B, 3, H, W]`` in [-1, 1] -> quantizer output on the latent grid."""
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> quantizer output on the latent grid.
+
+        ``H`` and ``W`` must be positive multiples of :attr:`downsample_factor`; other sizes raise
+        :class:`ConfigValueError` naming the nearest valid sizes (nothing is padded or cropped silently)."""
+        self._check_image_size(images)
         return self.quantizer(self.quant_conv(self.encoder(images)))
+
+    def _check_image_size(self, images: torch.Tensor) -> None:
+        f = self.downsample_factor
+        height, width = images.shape[-2:]
+        if height % f or width % f or height < f or width < f:
+            def near(n: int) -> str:
+                return " or ".join(str(m) for m in sorted({max(f, n // f * f), max(f, -(-n // f) * f)}))
+
+            raise ConfigValueError("images", f"{height}x{width}", f"heights and widths that are multiples of this "
+                                   f"tokenizer's downsampling factor {f} (pad or resize: height {near(height)}, "
+                                   f"width {near(width)})")
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents ``[B, out_dim, h, w]`` (or ``[B, k, out_dim]``) -> images ``[B, 3, H, W]``

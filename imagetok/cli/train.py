@@ -18,8 +18,13 @@ def main(cfg: DictConfig) -> None:
     from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, resume_setting
     from imagetok.training.run import train
 
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from imagetok.utils.console import quiet_console
+
     hydra_cfg = HydraConfig.get()
     log_file_on_rank_zero_only()
+    quiet_console(rank_zero_only.rank)
     with exit_on_user_error():
         try:
             sweep = hydra_cfg.mode == RunMode.MULTIRUN

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -14,15 +16,33 @@ from imagetok.tokenizer import Tokenizer
 _PREFIX = {"ema": "ema.module.", "raw": "tokenizer."}
 
 
-def load_tokenizer_from_checkpoint(path: str | Path, weights: Literal["ema", "raw"] = "ema") -> Tokenizer:
-    """Build the tokenizer recorded in a training checkpoint and load its EMA (default) or raw weights.
-    Unpickling is ``weights_only``; a missing or unexpected key is reported by name. Returns eval mode."""
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a training checkpoint, with every way a file can be
+    unreadable (missing, truncated, not a PyTorch file, pickled objects outside the allowlist) raised
+    as one :class:`CheckpointError` (or ``FileNotFoundError``) that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # torch reports a truncated zip as RuntimeError and a text file as KeyError or UnpicklingError.
+        reason = str(err).split(". ")[0].strip() if isinstance(err, RuntimeError) else f"unpickling failed ({type(err).__name__} {err})"
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a file torch.save "
+                              f"wrote): {reason}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning training checkpoint (no state_dict)")
+    return checkpoint
+
+
+def load_tokenizer_from_checkpoint(path: str | Path, weights: Literal["ema", "raw"] = "ema") -> Tokenizer:
+    """Build the tokenizer recorded in a training checkpoint and load its EMA (default) or raw weights.
+    Unpickling is ``weights_only``; a missing or unexpected key is reported by name. Returns eval mode.
+    Raises :class:`CheckpointError` for a file that is unreadable, not ours, or does not fit its config."""
+    path = Path(path)
     if weights not in _PREFIX:
         raise ConfigValueError("weights", weights, "'ema' or 'raw'")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     try:
         config = checkpoint["hyper_parameters"]["tokenizer_config"]
     except KeyError:

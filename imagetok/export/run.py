@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from imagetok.errors import ConfigValueError, check
+from imagetok.export.checkpoint import read_checkpoint
 from imagetok.export.model_card import lpips_used_in_run, model_card, run_metrics
 from imagetok.tokenizer import Tokenizer
 
@@ -37,7 +38,7 @@ def export(cfg: DictConfig) -> Path:
     if not checkpoint.is_file():
         raise ConfigValueError("checkpoint", cfg.checkpoint, "the path of an existing Lightning .ckpt file")
     tokenizer = Tokenizer.from_checkpoint(checkpoint, weights=cfg.weights)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(checkpoint)
     run_config = saved.get("hyper_parameters", {}).get("config", {}) or {}
     steps = saved.get("global_step")
     card = model_card(tokenizer, run_config, steps, run_metrics(checkpoint, cfg.evaluation), cfg.weights, str(checkpoint),

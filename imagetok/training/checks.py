@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import CheckpointError, ConfigValueError, check
 
 # bf16-true / 64-true would cast the quantizer's float32 statistics and projections away from float32.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed")
@@ -76,3 +76,12 @@ def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str 
     if not Path(resume).is_file():
         raise ConfigValueError("resume", resume, "null, 'last', or the path of an existing .ckpt file")
     return str(resume)
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Fail in one line (:class:`CheckpointError`) before training when the checkpoint to resume from is
+    truncated, not a torch file, or not an imagetok training checkpoint."""
+    from imagetok.export.checkpoint import read_checkpoint
+
+    if "tokenizer_config" not in (read_checkpoint(path).get("hyper_parameters") or {}):
+        raise CheckpointError(f"{path} is not an imagetok training checkpoint (no hyper_parameters.tokenizer_config)")

@@ -21,7 +21,7 @@ from imagetok.errors import ConfigValueError
 from imagetok.tokenizer import Tokenizer
 from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
                                          write_json_atomic)
-from imagetok.training.checks import resolve_resume, validate_config
+from imagetok.training.checks import check_resume_checkpoint, resolve_resume, validate_config
 from imagetok.training.cluster import cluster_plugins
 from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # short runs: the CSV still has every step
 # CPU (mkldnn) returns 1x1-conv gradients in another memory layout; DDP copies them, correct but noisy.
 warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
 
@@ -113,8 +114,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module, datamodule = build(cfg)
     ckpt_path = resolve_resume(cfg.resume, run_dir, Path(cfg.resume_search_dir))
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path)
+    module, datamodule = build(cfg)
     if rank_zero_only.rank == 0:  # Lightning's DDP launcher re-runs this script for the other ranks
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -153,6 +156,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     scale_learning_rates(module, cfg, trainer)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    last_validated = history.history[-1]["step"] if history.history else 0
+    if 0 < last_validated < trainer.global_step or (trainer.global_step > 0 and not history.history):
+        # max_steps is not a multiple of val_check_interval (or below it): the final weights get their
+        # held-out figures and reconstructions.png too, so the last line below describes what was saved.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     summary = history.summary() | {
@@ -172,5 +180,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
             log.info("held-out PSNR: %.2f dB at step %d (first validation) -> %.2f dB at step %d (last); "
                      "codebook usage %.1f%%", first["val/psnr"], first["step"], last["val/psnr"], last["step"],
                      100 * last["val/codebook_usage"])
-        log.info("wrote %s, %s and %s", summary["checkpoint"], run_dir / "reconstructions.png", run_dir / "metrics.json")
+        written = [summary["checkpoint"], run_dir / "reconstructions.png", run_dir / "metrics.json"]
+        log.info("wrote %s", ", ".join(str(p) for p in written if Path(p).is_file()))
     return TrainingRun(summary, module, trainer, datamodule)

@@ -43,6 +43,7 @@ def tokenize(cfg: DictConfig) -> Path:
     """Write the shards and ``index.json`` of ``cfg.split`` of ``cfg.data`` under ``cfg.out``."""
     from imagetok.training.run import instantiate_part
 
+    _ = cfg.pretrained, cfg.out  # a missing required value fails here, in one line, before any work
     check(cfg.split in ("train", "val"), "split", cfg.split, "'train' or 'val'")
     check(isinstance(cfg.shard_size, int) and cfg.shard_size >= 1, "shard_size", cfg.shard_size, "an integer >= 1")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -105,7 +105,10 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> "T
         raise ConfigValueError("config.json:tokenizer", type(config.get("tokenizer") if isinstance(config, dict) else config).__name__,
                                "a mapping with encoder, quantizer and decoder _target_ entries")
     tokenizer = Tokenizer.from_config(config["tokenizer"])  # allowlisted: only imagetok modules
-    state = load_file(str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own SafetensorError (truncated or not a safetensors file)
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file (truncated or corrupt: {err})") from None
     report = key_mismatch_report(tokenizer, state)
     if report:
         raise CheckpointError(f"{weights_path} does not match {config_path}:\n{report}")

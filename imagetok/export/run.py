@@ -31,6 +31,7 @@ def export_converted(cfg: DictConfig) -> Path:
 
 
 def export(cfg: DictConfig) -> Path:
+    _ = cfg.checkpoint, cfg.out  # a missing required value fails here, in one line, before any work
     if cfg.get("from"):
         return export_converted(cfg)
     check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")

@@ -156,11 +156,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
     scale_learning_rates(module, cfg, trainer)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    last_validated = history.history[-1]["step"] if history.history else 0
-    if 0 < last_validated < trainer.global_step or (trainer.global_step > 0 and not history.history):
-        # max_steps is not a multiple of val_check_interval (or below it): the final weights get their
-        # held-out figures and reconstructions.png too, so the last line below describes what was saved.
-        trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     summary = history.summary() | {
@@ -180,6 +175,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
             log.info("held-out PSNR: %.2f dB at step %d (first validation) -> %.2f dB at step %d (last); "
                      "codebook usage %.1f%%", first["val/psnr"], first["step"], last["val/psnr"], last["step"],
                      100 * last["val/codebook_usage"])
+        elif trainer.global_step > 0:
+            log.info("no validation ran: %d steps is fewer than trainer.val_check_interval=%s, so there are no "
+                     "held-out figures or reconstructions.png", trainer.global_step, cfg.trainer.val_check_interval)
         written = [summary["checkpoint"], run_dir / "reconstructions.png", run_dir / "metrics.json"]
         log.info("wrote %s", ", ".join(str(p) for p in written if Path(p).is_file()))
     return TrainingRun(summary, module, trainer, datamodule)

@@ -15,10 +15,18 @@ class _DropNoise(logging.Filter):
         return not any(text in message for text in _NOISE)
 
 
+class _DropInfo(logging.Filter):
+    """Ranks > 0: their INFO lines repeat rank 0's. Warnings stay, and so do DEBUG lines, which only
+    exist when the user asked for them (``hydra.verbose=...``) and are often about that rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.INFO
+
+
 def quiet_console(rank: int = 0) -> None:
     """Route Lightning's messages through the one (Hydra) root handler instead of also through its own
     ``INFO: ...`` stream handler, which printed each line twice; drop the lines in ``_NOISE``; on
-    ranks other than 0 keep only warnings and errors, so a multi-process run prints each line once."""
+    ranks other than 0 drop INFO lines, so a multi-process run prints each line once."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
@@ -28,4 +36,4 @@ def quiet_console(rank: int = 0) -> None:
     for handler in root.handlers:
         handler.addFilter(_DropNoise())
         if rank != 0 and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+            handler.addFilter(_DropInfo())

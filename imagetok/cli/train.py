@@ -12,6 +12,14 @@ from omegaconf import DictConfig
 from imagetok.errors import exit_on_user_error
 
 
+def _defaults(hydra_cfg) -> DictConfig:
+    """This command's config without its overrides: what a resumed run compares against to tell the
+    settings the user changed from those that come from the checkpoint."""
+    from hydra import compose
+
+    return compose(config_name=hydra_cfg.job.config_name, overrides=[])
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     # Imported here so that `--help` and config errors do not wait for torch and Lightning.
@@ -37,7 +45,7 @@ def main(cfg: DictConfig) -> None:
                 logging.getLogger("imagetok").info("requeued by SLURM (restart %s): resume=last",
                                                    os.environ.get("SLURM_RESTART_COUNT"))
             cfg.resume, cfg.resume_search_dir = resume, search_dir
-            train(cfg, hydra_cfg.runtime.output_dir)
+            train(cfg, hydra_cfg.runtime.output_dir, defaults=_defaults(hydra_cfg) if resume else None)
         except FloatingPointError as err:  # optim.nonfinite: the loss diverged; no checkpoint was touched
             logging.getLogger("imagetok").error("training stopped: %s", err)
             sys.exit(3)

@@ -4,6 +4,7 @@ key and the values it would accept."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -63,7 +64,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str | None:
-    """``null`` -> None; ``last`` -> this run's ``last.ckpt``, else the newest one under ``search_root``
+    """``null`` -> None; ``last`` -> this run's ``last.ckpt`` (or its newest step checkpoint), else the
+    newest ``last.ckpt`` under ``search_root``
     (None if there is none: a fresh start); a path -> that file, which must exist."""
     if resume in (None, "", "null"):
         return None
@@ -71,6 +73,9 @@ def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str 
         own = run_dir / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
+        steps = sorted((p for p in own.parent.glob("step*.ckpt") if p.stem[4:].isdigit()), key=lambda p: int(p.stem[4:]))
+        if steps:  # killed between a step checkpoint and its last.ckpt copy
+            return str(steps[-1])
         found = sorted(search_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if search_root.is_dir() else []
         return str(found[-1]) if found else None
     if not Path(resume).is_file():
@@ -78,10 +83,14 @@ def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str 
     return str(resume)
 
 
-def check_resume_checkpoint(path: str) -> None:
-    """Fail in one line (:class:`CheckpointError`) before training when the checkpoint to resume from is
-    truncated, not a torch file, or not an imagetok training checkpoint."""
+def check_resume_checkpoint(path: str) -> tuple[dict[str, Any], int]:
+    """The run config saved in the checkpoint to resume from, and its generator step; fails in one line
+    (:class:`CheckpointError`) before training when that file is truncated, not a torch file, or not an
+    imagetok training checkpoint."""
     from imagetok.export.checkpoint import read_checkpoint
 
-    if "tokenizer_config" not in (read_checkpoint(path).get("hyper_parameters") or {}):
+    checkpoint = read_checkpoint(path)
+    saved = checkpoint.get("hyper_parameters") or {}
+    if "tokenizer_config" not in saved:
         raise CheckpointError(f"{path} is not an imagetok training checkpoint (no hyper_parameters.tokenizer_config)")
+    return saved.get("config") or {}, int(checkpoint.get("global_step", 0))

@@ -7,18 +7,21 @@ Lightning's loggers only create their run and write on global rank 0, so a DDP j
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import netrc
 import os
 from pathlib import Path
 from typing import Any
+import warnings
 from urllib.parse import urlparse
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -71,9 +74,39 @@ class WandbLogger(LightningWandbLogger):
             self._experiment = None
 
 
-def build_loggers(cfg: DictConfig, run_dir: str | Path) -> list[Logger]:
+def continue_logs(logger: Logger, step: int) -> None:
+    """Make a resumed run's logger append to what the killed or finished run wrote, from generator step
+    ``step`` on: the CSV keeps its rows of earlier steps (Lightning's CSV writer would delete the file),
+    TensorBoard purges events of later steps, which the resumed run logs again. W&B continues its run id
+    (see :class:`WandbLogger`). Call before anything is logged."""
+    if isinstance(logger, CSVLogger) and rank_zero_only.rank == 0:
+        path = Path(logger.log_dir) / _ExperimentWriter.NAME_METRICS_FILE
+        kept, header = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                # A row's step is the number of generator steps taken before it was logged.
+                kept = [row for row in reader if row.get("step", "").isdigit() and int(row["step"]) < step]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+            writer = logger.experiment  # creates the writer, which removes the file: written back below
+        if header:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(kept)
+            os.replace(tmp, path)
+            writer.metrics_keys = header
+    elif isinstance(logger, TensorBoardLogger):
+        logger._kwargs["purge_step"] = step  # passed to SummaryWriter when the experiment is created
+
+
+def build_loggers(cfg: DictConfig, run_dir: str | Path, resume_step: int | None = None) -> list[Logger]:
     """The loggers ``cfg.logger`` selects, each writing under ``run_dir`` unless its node sets
-    ``save_dir``; the resolved run config is logged as their hyperparameters (rank 0 only)."""
+    ``save_dir``; the resolved run config is logged as their hyperparameters (rank 0 only). A run resumed
+    from generator step ``resume_step`` appends to the logs already there (:func:`continue_logs`)."""
     selected = cfg.get("logger") or {}
     loggers: list[Logger] = []
     for name, node in selected.items():
@@ -89,6 +122,8 @@ def build_loggers(cfg: DictConfig, run_dir: str | Path) -> list[Logger]:
             raise ConfigValueError(f"logger.{name}", node.get("_target_"), f"a buildable logger ({err.__cause__ or err})") from None
         if not isinstance(logger, Logger):
             raise ConfigValueError(f"logger.{name}._target_", node._target_, "a lightning.pytorch.loggers.Logger subclass")
+        if resume_step is not None:
+            continue_logs(logger, resume_step)
         loggers.append(logger)
     if loggers and rank_zero_only.rank == 0:  # the loggers' own methods are rank-zero-only too
         hyperparameters = OmegaConf.to_container(cfg, resolve=True)

@@ -25,6 +25,7 @@ from imagetok.training.checks import check_resume_checkpoint, resolve_resume, va
 from imagetok.training.cluster import cluster_plugins
 from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
+from imagetok.training.resume import prune_step_checkpoints, remove_stale_temporaries, resume_config
 from imagetok.training.rng_state import RandomState
 from imagetok.training.schedule import scaled_lr
 from imagetok.training.strategy import (GeneratorDiscriminatorDDPStrategy, ShardedGeneratorDiscriminatorStrategy,
@@ -109,14 +110,23 @@ class TrainingRun:
     datamodule: L.LightningDataModule
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
-    """Train as ``cfg`` says, writing checkpoints, images and ``metrics.json`` under ``run_dir``."""
+def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = None) -> TrainingRun:
+    """Train as ``cfg`` says, writing checkpoints, images and ``metrics.json`` under ``run_dir``.
+
+    A resumed run (``cfg.resume``) takes every setting that ``cfg`` does not change against ``defaults``
+    (the config without the command's overrides) from the checkpoint; without ``defaults``, ``cfg`` wins
+    in full. Either way the differences are logged and an architecture change is refused (see resume.py)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg.resume, run_dir, Path(cfg.resume_search_dir))
+    resume_step = None
     if ckpt_path:
-        check_resume_checkpoint(ckpt_path)
+        saved_config, resume_step = check_resume_checkpoint(ckpt_path)
+        cfg, differences = resume_config(cfg, saved_config, defaults)
+        if rank_zero_only.rank == 0:
+            log.info("resuming with the settings from the checkpoint%s", "; this command changes " + ", ".join(
+                differences) if differences else " (this command changes none of them)")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     if rank_zero_only.rank == 0:  # Lightning's DDP launcher re-runs this script for the other ranks
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -143,7 +153,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
                                              cfg.val_fid.random_weights))
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
-                                  monitor="step", mode="max", save_top_k=cfg.checkpoint.keep)
+                                  monitor="step", mode="max", save_top_k=cfg.checkpoint.keep,
+                                  enable_version_counter=False)  # one last.ckpt, also after a resume
+    if rank_zero_only.rank == 0:
+        for stale in remove_stale_temporaries(run_dir / "checkpoints"):  # a killed write's leftovers
+            log.info("removed %s, left by an interrupted checkpoint write", stale)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_args.get("strategy") == "fsdp":  # Lightning's own FSDPStrategy would wrap the module as a whole
         trainer_args["strategy"] = ShardedGeneratorDiscriminatorStrategy()
@@ -151,13 +165,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
                    trainer_args.get("num_nodes", 1), trainer_args.get("accelerator", "auto")):
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
-                        logger=build_loggers(cfg, run_dir), plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+                        logger=build_loggers(cfg, run_dir, resume_step), plugins=[AtomicCheckpointIO(), *cluster_plugins()],
                         callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir), RandomState()])
     scale_learning_rates(module, cfg, trainer)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_step > 0:  # the final state, also when max_steps is not a multiple of every_n_steps
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:  # step checkpoints of an earlier, killed process count against keep too
+        prune_step_checkpoints(run_dir / "checkpoints", cfg.checkpoint.keep)
     summary = history.summary() | {
         "generator_steps": trainer.global_step, "train_seconds": round(time.time() - started, 1),
         "tokenizer_parameters": _count(tok), "discriminator_parameters": _count(module.loss.discriminator),

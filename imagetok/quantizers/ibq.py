@@ -15,6 +15,7 @@ memory of one block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,39 @@ def index_backprop_reference(x: torch.Tensor, codes: torch.Tensor, idx: torch.Te
     return (hard - soft.detach() + soft) @ codes
 
 
+class _BlockedLogits:
+    """The logits ``[T, K]`` of ``x`` ``[T, D]`` against ``codes`` ``[K, D]`` one block of ``rows`` rows at a
+    time (:meth:`blocks`), and the accumulation of a gradient given per block on the logits back to ``x``
+    and ``codes`` (:meth:`add`, then :meth:`grads`). Memory: one ``[rows, K]`` block and a few copies."""
+
+    def __init__(self, x: torch.Tensor, codes: torch.Tensor, similarity: str, temperature: float, rows: int) -> None:
+        self.x, self.codes, self.tau, self.rows = x, codes, temperature, rows
+        self.code_sq = codes.pow(2).sum(1) if similarity == "distance" else None
+        self.factor = (1.0 if self.code_sq is None else 2.0) / temperature  # d logits / d(x.c)
+        self.grad_x = torch.zeros_like(x)
+        self.grad_codes = torch.zeros_like(codes)
+        self.col_sum = torch.zeros(codes.shape[0], dtype=codes.dtype, device=codes.device)  # sum_rows dlogits
+
+    def blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        for start in range(0, self.x.shape[0], self.rows):
+            block = slice(start, start + self.rows)
+            if self.code_sq is None:
+                yield block, self.x[block] @ self.codes.t() / self.tau
+            else:
+                yield block, torch.addmm(self.code_sq, self.x[block], self.codes.t(), beta=-1.0, alpha=2.0).div_(self.tau)
+
+    def add(self, block: slice, dlogits: torch.Tensor) -> None:
+        self.grad_x[block] += self.factor * (dlogits @ self.codes)
+        self.grad_codes.addmm_(dlogits.t(), self.x[block], alpha=self.factor)
+        if self.code_sq is not None:
+            self.col_sum += dlogits.sum(0)
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.code_sq is not None:  # d(-||c||^2 / tau) / dc = -2 c / tau, per row of dlogits
+            self.grad_codes -= (2.0 / self.tau) * self.col_sum[:, None] * self.codes
+        return self.grad_x, self.grad_codes
+
+
 class _IndexBackprop(torch.autograd.Function):
     """Forward: the chosen codes ``codes[idx]`` ``[T, D]`` (exactly, a gather). Backward, for the
     incoming ``g`` ``[T, D]`` and a block of rows at a time, with ``p = softmax(logits)``:
@@ -58,27 +92,64 @@ class _IndexBackprop(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, codes, idx = ctx.saved_tensors
-        tau, rows = ctx.temperature, ctx.rows
-        grad_x = torch.empty_like(x)
-        grad_codes = torch.zeros_like(codes).index_add_(0, idx, g)  # the one-hot part: chosen codes only
-        code_sq = codes.pow(2).sum(1) if ctx.similarity == "distance" else None
-        col_sum = torch.zeros(codes.shape[0], dtype=codes.dtype, device=codes.device)  # sum over rows of dlogits
-        for start in range(0, x.shape[0], rows):
-            xb, gb = x[start : start + rows], g[start : start + rows]
-            if code_sq is None:
-                p = (xb @ codes.t() / tau).softmax(-1)  # [rows, K]
-            else:
-                p = torch.addmm(code_sq, xb, codes.t(), beta=-1.0, alpha=2.0).div_(tau).softmax(-1)
-            gp = gb @ codes.t()  # dL/dp [rows, K]
-            dlogits = p.mul_(gp - (p * gp).sum(-1, keepdim=True))  # softmax backward, in place of p
-            factor = (1.0 if code_sq is None else 2.0) / tau  # d logits / d(x.c)
-            grad_x[start : start + rows] = factor * (dlogits @ codes)
-            grad_codes.addmm_(dlogits.t(), xb, alpha=factor)
-            if code_sq is not None:
-                col_sum += dlogits.sum(0)
-        if code_sq is not None:  # d(-||c||^2 / tau) / dc = -2 c / tau, per row of dlogits
-            grad_codes -= (2.0 / tau) * col_sum[:, None] * codes
+        logits = _BlockedLogits(x, codes, ctx.similarity, ctx.temperature, ctx.rows)
+        for block, lg in logits.blocks():
+            p = lg.softmax(-1)  # [rows, K]
+            gp = g[block] @ codes.t()  # dL/dp [rows, K]
+            logits.add(block, p.mul_(gp - (p * gp).sum(-1, keepdim=True)))  # softmax backward, in place of p
+        grad_x, grad_codes = logits.grads()
+        grad_codes.index_add_(0, idx, g)  # the one-hot part: the chosen codes only
         return grad_x, grad_codes, None, None, None, None
+
+
+class _CodeEntropy(torch.autograd.Function):
+    """Entropy penalty over the code distribution ``p = softmax(logits)`` (MAGVIT-v2's, which IBQ adopts):
+    ``mean_t H(p_t) - gamma H(mean_t p_t)`` (nats), in blocks of rows forward and backward. Low per-token
+    entropy makes each choice confident; high entropy of the batch average spreads the choices over
+    the codebook. Returns ``[3]``: the penalty, the per-token entropy, the codebook entropy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, codes: torch.Tensor, similarity: str, temperature: float, rows: int,
+                gamma: float) -> torch.Tensor:
+        logits = _BlockedLogits(x, codes, similarity, temperature, rows)
+        per_token, avg = x.new_zeros(()), torch.zeros(codes.shape[0], dtype=x.dtype, device=x.device)
+        for _, lg in logits.blocks():
+            logp = lg.log_softmax(-1)
+            p = logp.exp()
+            per_token -= (p * logp).sum()
+            avg += p.sum(0)
+        n = x.shape[0]
+        avg /= n
+        log_avg = avg.clamp_min(1e-30).log()
+        codebook = -(avg * log_avg).sum()
+        ctx.save_for_backward(x, codes, log_avg)
+        ctx.similarity, ctx.temperature, ctx.rows, ctx.gamma = similarity, temperature, rows, gamma
+        return torch.stack([per_token / n - gamma * codebook, per_token / n, codebook])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, codes, log_avg = ctx.saved_tensors
+        n, gamma = x.shape[0], ctx.gamma
+        # d/dp_tk of [penalty, per-token, codebook] (up to constants, which the softmax backward removes)
+        weight_token, weight_book = (grad[0] + grad[1]) / n, (grad[2] - gamma * grad[0]) / n
+        logits = _BlockedLogits(x, codes, ctx.similarity, ctx.temperature, ctx.rows)
+        for block, lg in logits.blocks():
+            logp = lg.log_softmax(-1)
+            p = logp.exp()
+            dp = -weight_token * logp - weight_book * log_avg  # [rows, K]
+            logits.add(block, p * (dp - (p * dp).sum(-1, keepdim=True)))
+        grad_x, grad_codes = logits.grads()
+        return grad_x, grad_codes, None, None, None, None
+
+
+def code_entropy_reference(x: torch.Tensor, codes: torch.Tensor, similarity: str, temperature: float,
+                           gamma: float) -> torch.Tensor:
+    """:class:`_CodeEntropy` written directly with autograd (memory ``[T, K]``; for tests)."""
+    logp = ibq_logits(x, codes, similarity, temperature).log_softmax(-1)
+    per_token = -(logp.exp() * logp).sum(-1).mean()
+    avg = logp.exp().mean(0)
+    codebook = -(avg * avg.clamp_min(1e-30).log()).sum()
+    return torch.stack([per_token - gamma * codebook, per_token, codebook])
 
 
 class IndexBackpropQuantizer(VectorQuantizer):
@@ -93,21 +164,28 @@ class IndexBackpropQuantizer(VectorQuantizer):
             (``-||z - c||^2``, the nearest code wins, as plain VQ).
         l2_normalize: normalise latents and codes (then both similarities pick the same code).
         double_quant: add the commitment and codebook terms on the index-backpropagated code too.
+        entropy_weight: weight of the entropy penalty ``mean H(p_t) - entropy_gamma H(mean p_t)`` over the
+            softmax (MAGVIT-v2's, adopted by IBQ), computed in blocks; 0 turns it off (training only).
+        entropy_gamma: weight of the codebook-entropy term inside the penalty.
         **vq: other :class:`VectorQuantizer` options (``decay`` of the usage statistics, ...); EMA updates,
             dead-code restarts and gradient estimators are not IBQ's (it has its own gradient).
     """
 
     def __init__(self, *, dim: int, codebook_size: int, temperature: float = 1.0,
-                 similarity: Literal["dot", "distance"] = "dot", double_quant: bool = True, **vq: Any) -> None:
+                 similarity: Literal["dot", "distance"] = "dot", double_quant: bool = True,
+                 entropy_weight: float = 0.0, entropy_gamma: float = 1.0, **vq: Any) -> None:
         check(temperature > 0, "temperature", temperature, "a float > 0 (the softmax temperature, e.g. 1.0)")
         check(similarity in ("dot", "distance"), "similarity", similarity,
               "'dot' (inner product, the paper) or 'distance' (negative squared distance)")
+        check(entropy_weight >= 0, "entropy_weight", entropy_weight, "a float >= 0 (0 = no entropy penalty)")
+        check(entropy_gamma >= 0, "entropy_gamma", entropy_gamma, "a float >= 0")
         for key, default, why in (("codebook_update", "loss", "'loss' (IBQ's codes learn by gradient)"),
                                   ("dead_code_threshold", 0.0, "0 (every IBQ code gets a gradient)"),
                                   ("gradient", "ste", "'ste' (IBQ backpropagates through the softmax instead)")):
             check(vq.get(key, default) == default, key, vq.get(key), why)
         super().__init__(dim=dim, codebook_size=codebook_size, **vq)
         self.temperature, self.similarity, self.double_quant = float(temperature), similarity, double_quant
+        self.entropy_weight, self.entropy_gamma = float(entropy_weight), float(entropy_gamma)
 
     def _lookup(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Index of the largest logit per row, blocked as the nearest-code search."""
@@ -124,17 +202,20 @@ class IndexBackpropQuantizer(VectorQuantizer):
             codes = self._codes()
             idx = self._lookup(x.detach(), codes.detach())
             q = F.embedding(idx, codes)  # [T, codebook_dim]: the hard code, for the loss
-            if torch.is_grad_enabled() and (x.requires_grad or codes.requires_grad):
-                rows = max(16, self.max_search_elements // max(1, self.codebook_size))
-                q_ib = _IndexBackprop.apply(x, codes, idx, self.similarity, self.temperature, rows)
-            else:
-                q_ib = q.detach()
+            rows = max(16, self.max_search_elements // max(1, self.codebook_size))
+            differentiable = torch.is_grad_enabled() and (x.requires_grad or codes.requires_grad)
+            q_ib = (_IndexBackprop.apply(x, codes, idx, self.similarity, self.temperature, rows) if differentiable
+                    else q.detach())
             commitment = F.mse_loss(x, q.detach())
             codebook_loss = F.mse_loss(q, x.detach())
             loss = self.beta * commitment + codebook_loss
             if self.double_quant:
                 loss = loss + self.beta * F.mse_loss(x, q_ib.detach()) + F.mse_loss(q_ib, x.detach())
             metrics = {"commitment": commitment.detach(), "codebook_loss": codebook_loss.detach()}
+            if self.entropy_weight > 0 and differentiable and self.training:
+                entropy = _CodeEntropy.apply(x, codes, self.similarity, self.temperature, rows, self.entropy_gamma)
+                loss = loss + self.entropy_weight * entropy[0]
+                metrics["entropy/per_token"], metrics["entropy/codebook"] = entropy[1].detach(), entropy[2].detach()
             counts = torch.bincount(idx, minlength=self.codebook_size)
             if updating and bool(self.initialized):
                 metrics.update(self._update_state(x.detach(), idx, counts))

@@ -60,7 +60,8 @@ def test_indices_are_the_largest_logits_and_invert_exactly(kw):
 
 def test_bad_values_are_one_line():
     for kw, key in (({"temperature": 0.0}, "temperature"), ({"similarity": "cos"}, "similarity"),
-                    ({"codebook_update": "ema"}, "codebook_update"), ({"gradient": "rotation"}, "gradient")):
+                    ({"codebook_update": "ema"}, "codebook_update"), ({"gradient": "rotation"}, "gradient"),
+                    ({"entropy_temperature": -1.0}, "entropy_temperature")):
         with pytest.raises(ConfigValueError, match=rf"^{key}=") as err:
             make(**kw)
         assert "\n" not in str(err.value)
@@ -79,7 +80,7 @@ def test_blocked_entropy_penalty_equals_autograd_and_reaches_every_code(similari
         assert torch.allclose(blocked, reference, rtol=1e-12)
         for got, want in zip(torch.autograd.grad((blocked * weights).sum(), (x, codes)), expected):
             assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
-    ibq = make(entropy_weight=0.1).train()
+    ibq = make(entropy_weight=0.1, entropy_temperature=0.01).train()
     out = ibq(torch.randn(2, 8, 4, 4))
     assert {"entropy/per_token", "entropy/codebook"} <= set(out.metrics)
     out.loss.backward()

@@ -167,18 +167,23 @@ class IndexBackpropQuantizer(VectorQuantizer):
         entropy_weight: weight of the entropy penalty ``mean H(p_t) - entropy_gamma H(mean p_t)`` over the
             softmax (MAGVIT-v2's, adopted by IBQ), computed in blocks; 0 turns it off (training only).
         entropy_gamma: weight of the codebook-entropy term inside the penalty.
+        entropy_temperature: temperature of the penalty's own softmax (None = ``temperature``); MAGVIT-v2
+            style penalties use a much sharper one (e.g. 0.01) than the quantization softmax.
         **vq: other :class:`VectorQuantizer` options (``decay`` of the usage statistics, ...); EMA updates,
             dead-code restarts and gradient estimators are not IBQ's (it has its own gradient).
     """
 
     def __init__(self, *, dim: int, codebook_size: int, temperature: float = 1.0,
                  similarity: Literal["dot", "distance"] = "dot", double_quant: bool = True,
-                 entropy_weight: float = 0.0, entropy_gamma: float = 1.0, **vq: Any) -> None:
+                 entropy_weight: float = 0.0, entropy_gamma: float = 1.0, entropy_temperature: float | None = None,
+                 **vq: Any) -> None:
         check(temperature > 0, "temperature", temperature, "a float > 0 (the softmax temperature, e.g. 1.0)")
         check(similarity in ("dot", "distance"), "similarity", similarity,
               "'dot' (inner product, the paper) or 'distance' (negative squared distance)")
         check(entropy_weight >= 0, "entropy_weight", entropy_weight, "a float >= 0 (0 = no entropy penalty)")
         check(entropy_gamma >= 0, "entropy_gamma", entropy_gamma, "a float >= 0")
+        check(entropy_temperature is None or entropy_temperature > 0, "entropy_temperature", entropy_temperature,
+              "null (= temperature) or a float > 0")
         for key, default, why in (("codebook_update", "loss", "'loss' (IBQ's codes learn by gradient)"),
                                   ("dead_code_threshold", 0.0, "0 (every IBQ code gets a gradient)"),
                                   ("gradient", "ste", "'ste' (IBQ backpropagates through the softmax instead)")):
@@ -186,6 +191,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
         super().__init__(dim=dim, codebook_size=codebook_size, **vq)
         self.temperature, self.similarity, self.double_quant = float(temperature), similarity, double_quant
         self.entropy_weight, self.entropy_gamma = float(entropy_weight), float(entropy_gamma)
+        self.entropy_temperature = float(temperature if entropy_temperature is None else entropy_temperature)
 
     def _lookup(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Index of the largest logit per row, blocked as the nearest-code search."""
@@ -213,7 +219,8 @@ class IndexBackpropQuantizer(VectorQuantizer):
                 loss = loss + self.beta * F.mse_loss(x, q_ib.detach()) + F.mse_loss(q_ib, x.detach())
             metrics = {"commitment": commitment.detach(), "codebook_loss": codebook_loss.detach()}
             if self.entropy_weight > 0 and differentiable and self.training:
-                entropy = _CodeEntropy.apply(x, codes, self.similarity, self.temperature, rows, self.entropy_gamma)
+                entropy = _CodeEntropy.apply(x, codes, self.similarity, self.entropy_temperature, rows,
+                                             self.entropy_gamma)
                 loss = loss + self.entropy_weight * entropy[0]
                 metrics["entropy/per_token"], metrics["entropy/codebook"] = entropy[1].detach(), entropy[2].detach()
             counts = torch.bincount(idx, minlength=self.codebook_size)

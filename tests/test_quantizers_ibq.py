@@ -85,3 +85,16 @@ def test_blocked_entropy_penalty_equals_autograd_and_reaches_every_code(similari
     assert {"entropy/per_token", "entropy/codebook"} <= set(out.metrics)
     out.loss.backward()
     assert bool((ibq.codebook.grad.abs().sum(1) > 0).all())
+
+
+def test_straight_through_option_adds_the_identity_gradient_and_keeps_the_value():
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    grads, values = [], []
+    for straight_through in (False, True):
+        ibq = make(straight_through=straight_through).train()
+        out = ibq(z)
+        (g,) = torch.autograd.grad(out.z_q.sum(), z)
+        grads.append(g)
+        values.append(out.z_q)
+    assert torch.equal(values[0], values[1])
+    assert torch.allclose(grads[1], grads[0] + 1, atol=1e-6)

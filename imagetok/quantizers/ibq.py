@@ -167,6 +167,9 @@ class IndexBackpropQuantizer(VectorQuantizer):
         entropy_weight: weight of the entropy penalty ``mean H(p_t) - entropy_gamma H(mean p_t)`` over the
             softmax (MAGVIT-v2's, adopted by IBQ), computed in blocks; 0 turns it off (training only).
         entropy_gamma: weight of the codebook-entropy term inside the penalty.
+        straight_through: also pass the gradient to the latents straight through (identity), as VQ does,
+            on top of the softmax path. Not in the paper, where the latents learn through the softmax
+            only; that path vanishes when the softmax is peaked (see ``docs`` ladder notes).
         entropy_temperature: temperature of the penalty's own softmax (None = ``temperature``); MAGVIT-v2
             style penalties use a much sharper one (e.g. 0.01) than the quantization softmax.
         **vq: other :class:`VectorQuantizer` options (``decay`` of the usage statistics, ...); EMA updates,
@@ -176,7 +179,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
     def __init__(self, *, dim: int, codebook_size: int, temperature: float = 1.0,
                  similarity: Literal["dot", "distance"] = "dot", double_quant: bool = True,
                  entropy_weight: float = 0.0, entropy_gamma: float = 1.0, entropy_temperature: float | None = None,
-                 **vq: Any) -> None:
+                 straight_through: bool = False, **vq: Any) -> None:
         check(temperature > 0, "temperature", temperature, "a float > 0 (the softmax temperature, e.g. 1.0)")
         check(similarity in ("dot", "distance"), "similarity", similarity,
               "'dot' (inner product, the paper) or 'distance' (negative squared distance)")
@@ -192,6 +195,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
         self.temperature, self.similarity, self.double_quant = float(temperature), similarity, double_quant
         self.entropy_weight, self.entropy_gamma = float(entropy_weight), float(entropy_gamma)
         self.entropy_temperature = float(temperature if entropy_temperature is None else entropy_temperature)
+        self.straight_through = straight_through
 
     def _lookup(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Index of the largest logit per row, blocked as the nearest-code search."""
@@ -226,6 +230,8 @@ class IndexBackpropQuantizer(VectorQuantizer):
             counts = torch.bincount(idx, minlength=self.codebook_size)
             if updating and bool(self.initialized):
                 metrics.update(self._update_state(x.detach(), idx, counts))
+            if self.straight_through:  # value unchanged (x - sg(x) is exactly 0)
+                q_ib = q_ib + (x - x.detach())
             out = self.project_out(q_ib)  # value exactly q; gradient to x and every code through the softmax
         metrics["perplexity"] = U.perplexity(counts)
         metrics["batch_usage"] = (counts > 0).float().mean()

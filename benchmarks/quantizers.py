@@ -3,7 +3,8 @@ median time and peak extra memory at 256 tokens x batch 8 (input ``[8, C, 16, 16
 per case, with ``speed_ratio = vqp_ms / imagetok_ms`` (> 1: imagetok faster) and
 ``memory_ratio = imagetok_peak_mb / vqp_peak_mb`` (< 1: imagetok smaller).
 
-    python benchmarks/quantizers.py [--families vq,vq256,rq,fsq,lfq,bsq] [--sizes 10,14,16,18,128]
+    python benchmarks/quantizers.py [--families vq,vq256,rq,fsq,lfq,bsq,vq_rotation,simvq,ibq]
+                                    [--sizes 10,14,16,18,128]
                                     [--repeats 5] [--threads 2] [--cap-gib 6] [--markdown]
 
 Each side of each case runs in its own subprocess (so the peak resident set belongs to that case
@@ -21,6 +22,10 @@ all ``2^d`` codes (a ``[tokens, 2^d]`` distribution), imagetok's per-sample entr
 per-bit factorisation and its codebook entropy over groups of bits (exact for 2^10, an upper bound
 from groups of 7, 8, 9 and 8 bits for 2^14, 2^16, 2^18, 2^128; see ``imagetok/quantizers/_binary.py``).
 imagetok emits one sub-token per position up to 2^18 and 8 sub-tokens of 16 bits for 2^128.
+``vq_rotation`` is the VQ case with the rotation trick on both sides (imagetok ``gradient="rotation"``,
+vqp ``rotation_trick=True``); ``simvq`` is imagetok's SimVQ against vqp's ``SimVQ`` (frozen codebook,
+linear map, codebook loss weight 1 and commitment 0.25, straight-through on both sides); ``ibq`` has
+no vqp counterpart (imagetok only, temperature 1, dot-product logits, double quantization loss).
 """
 
 from __future__ import annotations
@@ -42,18 +47,29 @@ FAMILIES = {
     "fsq": ([10, 14, 16, 18], lambda log2: len(FSQ_LEVELS[log2])),
     "lfq": ([10, 14, 16, 18, 128], lambda log2: log2),
     "bsq": ([10, 14, 16, 18, 128], lambda log2: log2),
+    "vq_rotation": ([10, 14, 16, 18], lambda log2: 8),
+    "simvq": ([10, 14, 16, 18], lambda log2: 8),
+    "ibq": ([10, 14, 16, 18], lambda log2: 8),
 }
 # both libraries' soft assignment softmax(inv_temperature * 2 c.x): MAGVIT-v2's 100 (vqp's default) for
 # LFQ, BSQ-ViT's 1 (imagetok's default) for BSQ
 INV_TEMPERATURE = {"lfq": 100.0, "bsq": 1.0}
-IMAGETOK_MODULES = {"vq": "vq", "vq256": "vq", "rq": "residual", "fsq": "fsq", "lfq": "lfq", "bsq": "bsq"}
+IMAGETOK_MODULES = {"vq": "vq", "vq256": "vq", "rq": "residual", "fsq": "fsq", "lfq": "lfq", "bsq": "bsq",
+                    "vq_rotation": "vq", "simvq": "simvq", "ibq": "ibq"}
 
 
 def build_imagetok(family: str, log2: int, dim: int):
     """imagetok quantizer and a function ``z -> scalar loss`` for one case."""
-    if family in ("vq", "vq256"):
+    if family in ("vq", "vq256", "vq_rotation"):
         from imagetok.quantizers.vq import VectorQuantizer
-        module = VectorQuantizer(dim=dim, codebook_size=2**log2, codebook_update="ema", decay=0.99, beta=0.25)
+        module = VectorQuantizer(dim=dim, codebook_size=2**log2, codebook_update="ema", decay=0.99, beta=0.25,
+                                 gradient="rotation" if family == "vq_rotation" else "ste")
+    elif family == "simvq":
+        from imagetok.quantizers.simvq import SimVectorQuantizer
+        module = SimVectorQuantizer(dim=dim, codebook_size=2**log2, beta=0.25)
+    elif family == "ibq":
+        from imagetok.quantizers.ibq import IndexBackpropQuantizer
+        module = IndexBackpropQuantizer(dim=dim, codebook_size=2**log2, beta=0.25, temperature=1.0)
     elif family == "rq":
         from imagetok.quantizers.residual import ResidualVectorQuantizer
         module = ResidualVectorQuantizer(dim=dim, codebook_size=2**log2, depth=4, codebook_update="ema", decay=0.99,
@@ -89,9 +105,12 @@ def build_vqp(family: str, log2: int, dim: int):
     import vector_quantize_pytorch as vqp
 
     # plain straight-through as imagetok (vqp's default for dim > 1 is the rotation trick, extra work)
-    if family in ("vq", "vq256"):
+    if family in ("vq", "vq256", "vq_rotation"):
         module = vqp.VectorQuantize(dim=dim, codebook_size=2**log2, decay=0.99, commitment_weight=0.25,
-                                    accept_image_fmap=True, rotation_trick=False, kmeans_init=False)
+                                    accept_image_fmap=True, rotation_trick=family == "vq_rotation", kmeans_init=False)
+    elif family == "simvq":
+        module = vqp.SimVQ(dim=dim, codebook_size=2**log2, channel_first=True, rotation_trick=False,
+                           input_to_quantize_commit_loss_weight=0.25, commitment_weight=1.0)
     elif family == "rq":
         # tokens channels last: vqp 1.32's ResidualVQ fails on image maps (accept_image_fmap=True) with
         # "Sizes of tensors must match" when it stacks the residuals of the levels
@@ -149,6 +168,8 @@ def run_case(side: str, family: str, log2: int, repeats: int, threads: int, cap_
 
 def vqp_supports(family: str, log2: int) -> str | None:
     """None when vqp can be tried on this case, else why not (decided without allocating)."""
+    if family == "ibq":
+        return "not available: vector-quantize-pytorch has no IBQ"
     if family in ("lfq", "bsq") and log2 > 62:
         return (f"not supported: LFQ materialises all 2^{log2} codes (a [2^{log2}, {log2}] buffer) and the "
                 f"[tokens, 2^{log2}] entropy distances; torch.arange(2**{log2}) overflows int64")
@@ -187,7 +208,7 @@ def markdown(lines: list[dict]) -> str:
     rows = ["| family | codebook | dim | imagetok ms | vqp ms | speed ratio | imagetok MB | vqp MB | memory ratio | imagetok setting |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in lines:
-        vqp_ms = r.get("vqp_ms") if "vqp_error" not in r else "fails"
+        vqp_ms = r.get("vqp_ms") if "vqp_error" not in r else "n/a" if r["vqp_error"].startswith("not available") else "fails"
         rows.append(f"| {r['family']} | {r['codebook']} | {r['dim']} | {r.get('imagetok_ms') or 'fails'} | "
                     f"{vqp_ms if vqp_ms is not None else '-'} | {r.get('speed_ratio', '-')} | "
                     f"{r.get('imagetok_peak_mb', '-')} | {r.get('vqp_peak_mb') or '-'} | {r.get('memory_ratio', '-')} | "

@@ -205,7 +205,7 @@ def test_model_card_quotes_an_evaluation_and_names_third_party_weights(tokenizer
         run_metrics(tmp_path / "last.ckpt", str(tmp_path / "missing.json"))
 
 
-@pytest.mark.parametrize("experiment", ["cpu_rq", "cpu_fsq", "cpu_fqgan", "cpu_dualtoken"])
+@pytest.mark.parametrize("experiment", ["cpu_rq", "cpu_fsq", "cpu_fqgan", "cpu_dualtoken", "cpu_simvq", "cpu_ibq"])
 def test_every_quantizer_family_round_trips_through_save_pretrained(experiment, tmp_path):
     """K sub-tokens per position (residual, factorized, dual) and out_dim != dim (factorized) included."""
     torch.manual_seed(0)

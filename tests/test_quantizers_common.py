@@ -10,8 +10,11 @@ from imagetok.errors import ConfigValueError
 from imagetok.quantizers._utils import check_index_range
 from imagetok.quantizers.dimwise import DimensionWiseQuantizer
 from imagetok.quantizers.fsq import FiniteScalarQuantizer
+from imagetok.quantizers.ibq import IndexBackpropQuantizer
 from imagetok.quantizers.lfq import LookupFreeQuantizer
 from imagetok.quantizers.multiscale import MultiScaleResidualQuantizer
+from imagetok.quantizers.residual import ResidualVectorQuantizer
+from imagetok.quantizers.simvq import SimVectorQuantizer
 from imagetok.quantizers.vq import VectorQuantizer
 
 
@@ -40,6 +43,9 @@ def test_one_size_per_sub_token_names_the_sub_token_out_of_range():
     (FiniteScalarQuantizer(dim=3, levels=[3, 3]), torch.full((1, 2, 2, 1), 9)),
     (LookupFreeQuantizer(dim=8, bits=8, bits_per_token=4), torch.full((1, 2, 2, 2), 16)),
     (MultiScaleResidualQuantizer(dim=4, codebook_size=8, scales=[1, 2]), torch.full((1, 5, 1), 8)),
+    (SimVectorQuantizer(dim=4, codebook_size=8), torch.full((1, 2, 2, 1), 8)),
+    (IndexBackpropQuantizer(dim=4, codebook_size=8), torch.full((1, 2, 2, 1), -1)),
+    (ResidualVectorQuantizer(dim=4, codebook_size=8, depth=2, level_quantizer="simvq"), torch.full((1, 2, 2, 2), 8)),
 ])
 def test_every_family_refuses_out_of_range_indices_in_one_line(quantizer, indices):
     with pytest.raises(ConfigValueError, match=r"^indices=.*integers in \[0, ") as err:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagetok.errors import check
+from imagetok.quantizers import _gradients as G
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 from imagetok.quantizers.factorized import alignment_head
@@ -68,7 +69,7 @@ class DualCodebookQuantizer(Quantizer):
             concatenated, ``out_dim = pixel_code_dim + semantic_code_dim``).
         head_hidden: hidden width of the semantic head.
         l2_normalize, beta, codebook_update, decay, epsilon, kmeans_init_batches, kmeans_iters,
-        dead_code_threshold, usage_window, max_search_elements: as in :class:`VectorQuantizer`, for both.
+        dead_code_threshold, usage_window, max_search_elements, gradient: as in :class:`VectorQuantizer`, for both.
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class DualCodebookQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         usage_window: int = 1000,
         max_search_elements: int = 2**20,
+        gradient: str = "ste",
     ) -> None:
         super().__init__()
         check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
@@ -119,7 +121,7 @@ class DualCodebookQuantizer(Quantizer):
         self.dead_code_threshold = dead_code_threshold if shared else 0.0
         vq_kwargs = dict(l2_normalize=l2_normalize, beta=beta, codebook_update=codebook_update, decay=decay,
                          epsilon=epsilon, kmeans_iters=kmeans_iters, usage_window=usage_window,
-                         max_search_elements=max_search_elements,
+                         max_search_elements=max_search_elements, gradient=gradient,
                          kmeans_init_batches=0 if shared else kmeans_init_batches,
                          dead_code_threshold=0.0 if shared else dead_code_threshold)
         self.semantic_proj = nn.Linear(dim, semantic_code_dim)
@@ -186,8 +188,9 @@ class DualCodebookQuantizer(Quantizer):
         metrics["batch_usage"] = (counts > 0).float().mean()
         if self.training:
             metrics["usage"] = books[0].window_usage()
-        # Straight-through: values exactly the codes, gradients to the projections and the encoder.
-        sem, pix = qs.detach() + (xs - xs.detach()), qp.detach() + (xp - xp.detach())
+        # Values exactly the codes, gradients to the projections and the encoder by the codebooks' estimator.
+        gradient = books[0].gradient
+        sem, pix = G.with_gradient(xs, qs, gradient), G.with_gradient(xp, qp, gradient)
         return sem, pix, idx.unsqueeze(-1), loss, metrics
 
     @torch.no_grad()

@@ -59,7 +59,7 @@ class FactorizedVectorQuantizer(Quantizer):
             the other to pixel detail).
         head_hidden: hidden width of the alignment MLPs.
         l2_normalize, beta, codebook_update, decay, epsilon, kmeans_init_batches, kmeans_iters,
-        dead_code_threshold, usage_window, max_search_elements: as in :class:`VectorQuantizer`, for every
+        dead_code_threshold, usage_window, max_search_elements, gradient: as in :class:`VectorQuantizer`, for every
             sub-codebook.
     """
 
@@ -84,6 +84,7 @@ class FactorizedVectorQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         usage_window: int = 1000,
         max_search_elements: int = 2**20,
+        gradient: str = "ste",
     ) -> None:
         super().__init__()
         check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
@@ -107,7 +108,7 @@ class FactorizedVectorQuantizer(Quantizer):
         vq_kwargs = dict(l2_normalize=l2_normalize, beta=beta, codebook_update=codebook_update, decay=decay,
                          epsilon=epsilon, kmeans_init_batches=kmeans_init_batches, kmeans_iters=kmeans_iters,
                          dead_code_threshold=dead_code_threshold, usage_window=usage_window,
-                         max_search_elements=max_search_elements)
+                         max_search_elements=max_search_elements, gradient=gradient)
         self.codebooks = nn.ModuleList(VectorQuantizer(dim=sub_dim, codebook_size=s, **vq_kwargs) for s in sizes)
         self.heads = nn.ModuleDict({str(i): alignment_head(sub_dim, semantic_dim, head_hidden)
                                     for i in self.aligned_codebooks}) if semantic_dim is not None else nn.ModuleDict()

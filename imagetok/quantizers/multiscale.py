@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagetok.errors import ConfigValueError, check
+from imagetok.quantizers import _gradients as G
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 from imagetok.quantizers.vq import VectorQuantizer
@@ -60,6 +61,8 @@ class MultiScaleResidualQuantizer(Quantizer):
         refine_ratio: ``r`` in ``phi(x) = (1 - r) x + r conv3x3(x)`` (VAR: 0.5).
         upsample: interpolation of code maps to the latent size, ``"bicubic"`` (VAR) or ``"bilinear"``.
         beta: commitment weight of VAR's loss (below).
+        gradient: estimator from ``f_hat`` back to ``f``, ``"ste"`` (VAR) or ``"rotation"`` (``f`` rotated
+            onto ``f_hat`` at each position; ``_gradients.py``).
         **vq: other :class:`VectorQuantizer` options for the shared codebook (``codebook_update``,
             ``decay``, ``kmeans_init_batches``, ``dead_code_threshold``, ``usage_window``, ...). The
             codebook is called once per scale, so its statistics (EMA, ``step``, usage window,
@@ -73,8 +76,10 @@ class MultiScaleResidualQuantizer(Quantizer):
 
     def __init__(self, *, dim: int, codebook_size: int, scales: Sequence[int] = (1, 2, 3, 4, 6, 8),
                  num_refiners: int = 4, refine_ratio: float = 0.5,
-                 upsample: Literal["bicubic", "bilinear"] = "bicubic", beta: float = 0.25, **vq: Any) -> None:
+                 upsample: Literal["bicubic", "bilinear"] = "bicubic", beta: float = 0.25, gradient: str = "ste",
+                 **vq: Any) -> None:
         super().__init__()
+        G.check_gradient(gradient)
         scales = list(scales)
         check(len(scales) >= 1 and all(isinstance(s, int) and s >= 1 for s in scales)
               and all(a < b for a, b in zip(scales, scales[1:])), "scales", scales,
@@ -90,7 +95,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         vq.pop("codebook_dim", None)
         vq.pop("l2_normalize", None)
         self.dim, self.codebook_size, self.scales = dim, codebook_size, scales
-        self.refine_ratio, self.upsample, self.beta = refine_ratio, upsample, beta
+        self.refine_ratio, self.upsample, self.beta, self.gradient = refine_ratio, upsample, beta, gradient
         # the VectorQuantizer's own beta is unused: this module computes VAR's loss itself
         self.vq = VectorQuantizer(dim=dim, codebook_size=codebook_size, **vq)
         self.refiners = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refiners))
@@ -161,8 +166,8 @@ class MultiScaleResidualQuantizer(Quantizer):
                 if "restarted_codes" in out.metrics:
                     metrics["restarted_codes"] = metrics.get("restarted_codes", 0) + out.metrics["restarted_codes"]
             loss = loss / len(self.scales)
-            # straight-through: the value is exactly f_hat (f - sg(f) is exactly 0), the gradient goes to f
-            z_q = (f_hat.detach() + (f - f.detach())).contiguous()
+            # the value is exactly f_hat, the gradient goes to f by the chosen estimator (channels on dim 1)
+            z_q = G.with_gradient(f, f_hat, self.gradient, dim=1).contiguous()
         indices = self.indices_from_scale_maps(token_maps)
         metrics["commitment"] = F.mse_loss(f_hat.detach(), f.detach())
         metrics.update(U.count_statistics(indices.reshape(-1), self.codebook_size))  # over all scales' tokens

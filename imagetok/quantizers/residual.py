@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from imagetok.errors import ConfigValueError, check
+from imagetok.quantizers import _gradients as G
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
+from imagetok.quantizers.simvq import SimVectorQuantizer
 from imagetok.quantizers.vq import VectorQuantizer
+
+LEVEL_QUANTIZERS = {"vq": VectorQuantizer, "simvq": SimVectorQuantizer}
 
 
 class ResidualVectorQuantizer(Quantizer):
@@ -27,21 +31,31 @@ class ResidualVectorQuantizer(Quantizer):
         shared_codebook: one codebook for all levels (RQ-VAE) instead of one per level.
         quantizer_dropout: probability that a training step uses only the first ``n`` levels, ``n``
             uniform in ``1..depth``; the draw is made on rank 0 and broadcast, so ranks agree.
+        gradient: estimator from the sum of the chosen codes back to ``z``, ``"ste"`` or ``"rotation"``
+            (one rotation of ``z`` onto the quantized sum per position; ``_gradients.py``).
+        level_quantizer: what each level is, ``"vq"`` (:class:`VectorQuantizer`) or ``"simvq"``
+            (:class:`~imagetok.quantizers.simvq.SimVectorQuantizer`: frozen codes through a learned map).
         **vq: every other :class:`VectorQuantizer` option (``beta``, ``codebook_update``, ``decay``,
             ``kmeans_init_batches``, ``dead_code_threshold``, ``l2_normalize``, ...), for each level.
     """
 
     def __init__(self, *, dim: int, codebook_size: int, depth: int = 4, shared_codebook: bool = False,
-                 quantizer_dropout: float = 0.0, **vq: Any) -> None:
+                 quantizer_dropout: float = 0.0, gradient: str = "ste", level_quantizer: str = "vq",
+                 **vq: Any) -> None:
         super().__init__()
+        G.check_gradient(gradient)
+        check(level_quantizer in LEVEL_QUANTIZERS, "level_quantizer", level_quantizer,
+              "'vq' (learned codebook) or 'simvq' (frozen codebook through a learned linear map)")
         check(isinstance(depth, int) and depth >= 1, "depth", depth, "an integer >= 1")
         check(0.0 <= quantizer_dropout <= 1.0, "quantizer_dropout", quantizer_dropout, "a float in [0, 1]")
         check(not vq.get("l2_normalize", False), "l2_normalize", True,
               "false: residuals shrink level by level, unit-norm codes cannot follow them")
         self.dim, self.depth, self.codebook_size = dim, depth, codebook_size
         self.shared_codebook, self.quantizer_dropout = shared_codebook, quantizer_dropout
+        self.gradient, self.level_quantizer = gradient, level_quantizer
         count = 1 if shared_codebook else depth
-        self.levels = nn.ModuleList(VectorQuantizer(dim=dim, codebook_size=codebook_size, **vq) for _ in range(count))
+        level = LEVEL_QUANTIZERS[level_quantizer]
+        self.levels = nn.ModuleList(level(dim=dim, codebook_size=codebook_size, **vq) for _ in range(count))
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -81,9 +95,9 @@ class ResidualVectorQuantizer(Quantizer):
                 if key in out.metrics:
                     metrics[f"{key}/level{i}"] = out.metrics[key]
         metrics["levels_used"] = torch.tensor(float(used))
-        # straight-through to the encoder: the value is the sum of the used codes
+        # the value is the sum of the used codes, the gradient reaches the encoder by the chosen estimator;
         # contiguous in both paths: a conv over a differently strided input may round differently
-        z_q = (quantized + (z.float() - z.float().detach())).contiguous()
+        z_q = G.with_gradient(z.float(), quantized, self.gradient, dim=-1 if z.ndim == 3 else 1).contiguous()
         return QuantizerOutput(z_q=z_q, indices=torch.cat(indices, dim=-1), loss=loss, metrics=metrics)
 
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

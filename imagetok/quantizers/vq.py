@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagetok.errors import check
+from imagetok.quantizers import _gradients as G
 from imagetok.quantizers import _utils as U
 from imagetok.quantizers.base import Quantizer, QuantizerOutput
 
@@ -42,6 +43,8 @@ class VectorQuantizer(Quantizer):
             restarted from random latents of the current batch; 0 disables restarts.
         usage_window: codebook usage is the fraction of codes assigned in the last this-many steps.
         max_search_elements: about how many distances are built at once (the search goes in blocks).
+        gradient: estimator for the lookup, ``"ste"`` (straight-through) or ``"rotation"`` (rotation
+            trick, Fifty et al. 2024; see ``_gradients.py``), applied in the lookup space.
     """
 
     def __init__(
@@ -60,8 +63,10 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         usage_window: int = 1000,
         max_search_elements: int = 2**20,
+        gradient: str = "ste",
     ) -> None:
         super().__init__()
+        G.check_gradient(gradient)
         check(isinstance(dim, int) and dim >= 1, "dim", dim, "a positive integer")
         check(isinstance(codebook_size, int) and codebook_size >= 1, "codebook_size", codebook_size,
               "a positive integer (e.g. 1024, 16384)")
@@ -79,7 +84,7 @@ class VectorQuantizer(Quantizer):
         self.decay, self.epsilon = decay, epsilon
         self.kmeans_init_batches, self.kmeans_iters = kmeans_init_batches, kmeans_iters
         self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
-        self.max_search_elements = max_search_elements
+        self.max_search_elements, self.gradient = max_search_elements, gradient
 
         projected = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if projected else nn.Identity()
@@ -129,8 +134,8 @@ class VectorQuantizer(Quantizer):
             counts = torch.bincount(idx, minlength=self.codebook_size)
             if updating and bool(self.initialized):
                 metrics.update(self._update_state(x.detach(), idx, counts))
-            # Straight-through: the value is exactly q (x - sg(x) is exactly 0), the gradient goes to x.
-            out = self.project_out(q.detach() + (x - x.detach()))
+            # The value is exactly q; the gradient goes to x by the chosen estimator.
+            out = self.project_out(G.with_gradient(x, q, self.gradient))
         metrics["perplexity"] = U.perplexity(counts)
         metrics["batch_usage"] = (counts > 0).float().mean()
         if self.training:

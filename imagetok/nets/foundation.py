@@ -88,7 +88,7 @@ class FrozenBackbone(nn.Module):
         blocks: indices of the blocks whose outputs are returned (negative counts from the end).
         norm: apply the final layer norm to the returned features (REPA aligns to normed tokens).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a small ``depth``/``embed_dim`` for
-            tests); only with ``random_backbone``, since pretrained weights fix the architecture.
+            tests); with weights they must describe the architecture of the file, or loading fails.
         seed: initialisation seed of the random backbone (identical on every rank and on resume).
         config_key: the key named in the missing-weights message.
     """
@@ -102,8 +102,6 @@ class FrozenBackbone(nn.Module):
 
         check(isinstance(model, str) and bool(timm.list_models(model)), "model", model,
               "a timm model name, e.g. vit_small_patch14_dinov2 or vit_base_patch14_dinov2")
-        check(not model_kwargs or random_backbone, "model_kwargs", dict(model_kwargs or {}),
-              "{} unless random_backbone=true (pretrained weights fix the architecture)")
         check(isinstance(input_size, int) and input_size > 0, "input_size", input_size, "a positive integer")
         state = None if random_backbone else self._load_weights(model, weights_path, config_key)
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
@@ -139,7 +137,11 @@ class FrozenBackbone(nn.Module):
 
         # timm's filter maps the original DINOv2 key names and resamples the position embedding to input_size
         state = checkpoint_filter_fn(state, self.net)
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches: another architecture's file
+            raise MissingWeightsError(f"the weights file does not fit {self.model}: "
+                                      f"{str(err).splitlines()[-1].strip()}") from None
         missing = [k for k in missing if not k.startswith("head")]
         if missing or unexpected:
             raise MissingWeightsError(f"the weights file does not fit {self.model}: missing {missing[:5]}, "

@@ -78,6 +78,11 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
         tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),
         total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True), tokenizer=tokenizer)
+    if getattr(loss, "repa", None) is not None:  # after the EMA copy was made: only the trained decoder is hooked
+        if tokenizer.is_sequence:
+            raise ConfigValueError("loss.repa", "dinov2", "null for 1D token-sequence tokenizers (REPA aligns a "
+                                   "decoder feature map on the token grid: CNN or ViT decoders)")
+        loss.repa.attach(tokenizer.decoder, tuple(tokenizer.token_shape(cfg.data.image_size)[:2]))
     return module, datamodule
 
 

@@ -60,9 +60,13 @@ class LeCAM(nn.Module):
 def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
     """``E_x[||grad_x sum D(x)||^2]``: the squared norm of the gradient of the summed logits (all patches or
     tokens of an image) w.r.t. the real images ``[B, 3, H, W]``, averaged over the batch. The graph is
-    kept (``create_graph``) so that the penalty trains the discriminator."""
+    kept (``create_graph``) so that the penalty trains the discriminator. Attention runs in PyTorch's
+    plain math kernel here: the fused ones (flash, memory-efficient) have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     real = real.detach().requires_grad_(True)
-    logits = discriminator(real)
+    with sdpa_kernel([SDPBackend.MATH]):
+        logits = discriminator(real)
     (grad,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(1).mean()
 

@@ -126,3 +126,17 @@ def test_bad_blocks_name_the_key(compose_config):
     with pytest.raises(ConfigValueError) as err:
         build(compose_config(["experiment=cpu_dino_disc", "loss.discriminator.backbone.blocks=[2,12]"]))
     assert err.value.key == "loss.discriminator.backbone.blocks" and "has 12 blocks" in str(err.value)
+
+
+def test_gigatok_recipe_has_a_large_decoder_and_the_dino_parts(compose_config):
+    from imagetok.tokenizer import Tokenizer
+    from imagetok.training.run import tokenizer_config
+
+    cfg = compose_config(["experiment=gigatok_bl_dino"])
+    with torch.device("meta"):  # sizes without allocating 1.5 GB
+        tok = Tokenizer.from_config(tokenizer_config(cfg))
+    assert round(sum(p.numel() for p in tok.decoder.parameters()) / 1e6, 1) == 303.4  # ViT-L: width 1024, depth 24
+    assert tok.codebook_sizes == [16384] and tok.token_shape(256) == (16, 16, 1)
+    assert cfg.loss.discriminator.backbone.model == "vit_small_patch14_dinov2" and not cfg.loss.discriminator.backbone.random_backbone
+    assert cfg.loss.repa.teacher.model == "vit_base_patch14_dinov2" and cfg.loss.diffaug == ["translation", "cutout", "color"]
+    assert cfg.trainer.precision == "bf16-mixed"

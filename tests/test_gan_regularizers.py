@@ -256,3 +256,14 @@ def test_cli_trains_with_dino_disc_diffaug_lecam_r1_and_repa(tmp_path, monkeypat
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "loss.lecam.anchor_real" in state and any(k.startswith("loss.repa.projector.") for k in state)
     assert not any(".net." in k for k in state if k.startswith("loss."))  # no backbone weights in the checkpoint
+
+
+@pytest.mark.slow  # about 25 s: the recipe as shipped (ViT-S/14 layout, random weights); the test above is the proof
+def test_cpu_dino_disc_recipe_trains_20_steps_from_the_cli(tmp_path, monkeypatch):
+    from imagetok.cli import train
+
+    monkeypatch.setattr(sys, "argv", ["train", "experiment=cpu_dino_disc", "trainer.max_steps=20", "loss.disc_start=5",
+                                      "trainer.val_check_interval=20", f"hydra.run.dir={tmp_path}"])
+    train.main()
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["generator_steps"] == 20 and summary["last_validation"]["val/psnr"] > 10

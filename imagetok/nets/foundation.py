@@ -100,7 +100,7 @@ class FrozenBackbone(nn.Module):
         super().__init__()
         import timm
 
-        check(isinstance(model, str) and bool(timm.list_models(model)), "model", model,
+        check(isinstance(model, str) and bool(timm.list_models(model.split(".")[0])), "model", model,
               "a timm model name, e.g. vit_small_patch14_dinov2 or vit_base_patch14_dinov2")
         check(isinstance(input_size, int) and input_size > 0, "input_size", input_size, "a positive integer")
         state = None if random_backbone else self._load_weights(model, weights_path, config_key)
@@ -116,6 +116,7 @@ class FrozenBackbone(nn.Module):
         if state is not None:
             self._load_into_net(state)
         self.model, self.input_size, self.patch_size, self.norm = model, input_size, patch, norm
+        self.random = random_backbone
         self.blocks = [b % depth for b in blocks]
         self.out_dim: int = self.net.embed_dim
         self.grid = input_size // patch

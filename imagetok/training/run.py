@@ -132,6 +132,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainingRun:
              "%dx%d image -> %s tokens, codebook sizes %s", _count(tok) / 1e6, _count(tok.encoder) / 1e6,
              _count(tok.decoder) / 1e6, _count(module.loss.discriminator) / 1e6, cfg.data.image_size,
              cfg.data.image_size, token_shape, tok.codebook_sizes)
+    frozen = getattr(module.loss.discriminator, "backbone", None)
+    if frozen is not None:
+        log.info("discriminator reads a frozen %s (%.1fM parameters, %s; not trained, not in checkpoints)",
+                 frozen.model, _count(frozen) / 1e6, "RANDOM weights: tests only" if frozen.random else "pretrained")
     log.info("%d generator steps, discriminator from step %d, precision %s, run dir %s",
              cfg.trainer.max_steps, cfg.loss.disc_start, cfg.trainer.get("precision"), run_dir)
     if ckpt_path:

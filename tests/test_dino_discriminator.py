@@ -140,3 +140,15 @@ def test_gigatok_recipe_has_a_large_decoder_and_the_dino_parts(compose_config):
     assert cfg.loss.discriminator.backbone.model == "vit_small_patch14_dinov2" and not cfg.loss.discriminator.backbone.random_backbone
     assert cfg.loss.repa.teacher.model == "vit_base_patch14_dinov2" and cfg.loss.diffaug == ["translation", "cutout", "color"]
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_model_card_names_the_dinov2_weights_a_run_used():
+    from imagetok.export.model_card import third_party_weights
+
+    backbone = {"model": "vit_small_patch14_dinov2", "random_backbone": False}
+    lines = third_party_weights({"loss": {"perceptual_weight": 0, "discriminator": {"backbone": backbone},
+                                          "repa": {"teacher": dict(backbone, model="vit_base_patch14_dinov2")}}}, False)
+    assert any("timm/vit_small_patch14_dinov2.lvd142m" in line and "DINO discriminator" in line for line in lines)
+    assert any("timm/vit_base_patch14_dinov2.lvd142m" in line and "REPA" in line for line in lines)
+    random = {"loss": {"perceptual_weight": 0, "discriminator": {"backbone": dict(backbone, random_backbone=True)}}}
+    assert third_party_weights(random, False) == []

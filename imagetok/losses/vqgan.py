@@ -70,18 +70,17 @@ class VQGANLoss(nn.Module):
         check(isinstance(r1_weight, (int, float)) and r1_weight >= 0, "r1_weight", r1_weight, "a float >= 0 (0 = off)")
         check(isinstance(r1_every, int) and r1_every >= 1, "r1_every", r1_every, "an integer >= 1 (discriminator steps)")
         check(isinstance(diffaug, (list, tuple)), "diffaug", diffaug, "a list such as [translation,cutout,color]")
+        check(isinstance(lecam_decay, (int, float)) and 0 <= lecam_decay < 1, "lecam_decay", lecam_decay, "a float in [0, 1)")
+        self.discriminator = discriminator
+        self.reconstruction, self.reconstruction_weight = reconstruction, reconstruction_weight
+        self.gan_loss, self.disc_weight, self.adaptive_disc_weight = gan_loss, disc_weight, adaptive_disc_weight
+        self.disc_start, self.quantizer_weight = disc_start, quantizer_weight
         self.diffaug = DiffAugment(diffaug)
         # Only when on: the default run's state_dict (and old checkpoints' keys) stay as they were.
         self.lecam_weight, self.r1_weight, self.r1_every = float(lecam_weight), float(r1_weight), r1_every
         if lecam_weight > 0:
             self.lecam = LeCAM(lecam_decay)
-        else:
-            LeCAM(lecam_decay)  # still validates loss.lecam_decay
         self.repa = repa
-        self.discriminator = discriminator
-        self.reconstruction, self.reconstruction_weight = reconstruction, reconstruction_weight
-        self.gan_loss, self.disc_weight, self.adaptive_disc_weight = gan_loss, disc_weight, adaptive_disc_weight
-        self.disc_start, self.quantizer_weight = disc_start, quantizer_weight
         self.perceptual_weight, perceptual = self._build_perceptual(
             perceptual_weight, perceptual_weights_path, perceptual_random_backbone)
         # Kept outside the module tree: frozen, so it stays out of checkpoints, EMA and DDP.

@@ -43,6 +43,30 @@ def test_two_process_training_keeps_ranks_identical_without_unused_parameters(tm
     assert bool(tok.quantizer.initialized)  # k-means ran
 
 
+def test_two_process_training_keeps_lecam_anchors_dino_heads_and_repa_projector_in_sync(tmp_path):
+    """LeCAM's anchors (rank-averaged EMA), the DINO heads' spectral-norm vectors, the REPA projector
+    (outside the DDP wrappers, gradients averaged by hand) and lazy R1 through the DDP wrapper."""
+    run_dir = tmp_path / "run"
+    overrides = ["experiment=cpu_dino_disc", "loss/repa=dinov2", "loss.repa.teacher.random_backbone=true",
+                 "loss.repa.teacher.input_size=28", "loss.repa.hidden_dim=32", "loss.r1_weight=1.0", "loss.r1_every=2",
+                 "+loss.discriminator.backbone.model_kwargs={depth:4,embed_dim:32,num_heads:2}",
+                 "loss.discriminator.backbone.blocks=[1,3]", "+loss.repa.teacher.model_kwargs={depth:2,embed_dim:32,num_heads:2}",
+                 "trainer.max_steps=8", "loss.disc_start=2", "trainer.val_check_interval=8", "trainer.log_every_n_steps=1",
+                 "data.val_samples=16", "data.val_batch_size=8", "data.batch_size=4", "checkpoint.every_n_steps=8",
+                 "trainer.devices=2", f"hydra.run.dir={run_dir}"]
+    env = dict(os.environ, IMAGETOK_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert float(state["loss.lecam.anchor_real"]) != 0.0 and any(k.startswith("loss.repa.projector.") for k in state)
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/r1") for r in rows) and any(r.get("train/repa") for r in rows)
+
+
 def test_rank_check_names_the_tensors_that_differ():
     module = torch.nn.Linear(3, 2)
     names, sums = state_checksums(module)

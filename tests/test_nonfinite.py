@@ -162,11 +162,11 @@ def test_skip_on_a_nonfinite_gradient_and_in_the_discriminator(compose_config, t
             total.register_hook(nan_gradient)
         return total, logs
 
-    def discriminator_loss(self, images, recon, discriminator=None):
+    def discriminator_loss(self, images, recon, discriminator=None, step=None):
         batch = len(calls) - 1
         if batch == 2:  # NaN real images: NaN logits, loss and (unless put back) BatchNorm statistics
             images = torch.full_like(images, float("nan"))
-        loss, logs = original_d(self, images, recon, discriminator)
+        loss, logs = original_d(self, images, recon, discriminator, step=step)
         if batch == 3:
             loss.register_hook(nan_gradient)
         return loss, logs

@@ -217,7 +217,8 @@ def test_bad_transformer_values_name_key_and_allowed_values(compose_config, over
     assert err.value.key == key and allowed in str(err.value)
 
 
-@pytest.mark.parametrize("recipe,encoder_m,tokens", [("vit_vqgan_b", 86.0, (32, 32, 1)), ("titok_l32", 303.4, (32, 1))])
+@pytest.mark.parametrize("recipe,encoder_m,tokens", [("vit_vqgan_b", 86.0, (32, 32, 1)), ("titok_l32", 303.4, (32, 1)),
+                                                     ("gigatok_bl_dino", 85.8, (16, 16, 1))])
 def test_paper_scale_recipes_compose_to_their_sizes(compose_config, recipe, encoder_m, tokens):
     from imagetok.training.run import tokenizer_config
 

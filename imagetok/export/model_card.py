@@ -34,6 +34,13 @@ def third_party_weights(run_config: dict[str, Any], lpips_used: bool | None) -> 
     teacher = ((loss.get("semantic") or {}).get("teacher") or {})
     if teacher.get("arch") in LICENCES:
         lines.append(f"- {LICENCES[teacher['arch']]} (frozen teacher of the semantic alignment loss)")
+    for backbone, role in (((loss.get("discriminator") or {}).get("backbone"), "frozen backbone of the DINO discriminator"),
+                           ((loss.get("repa") or {}).get("teacher"), "frozen teacher of the REPA decoder alignment")):
+        if backbone and not backbone.get("random_backbone"):
+            from imagetok.nets.foundation import hf_repo
+
+            model = backbone.get("model", "vit_small_patch14_dinov2")
+            lines.append(f"- DINOv2 weights {hf_repo(model)} (Oquab et al. 2023; Apache-2.0) ({role})")
     return lines
 
 

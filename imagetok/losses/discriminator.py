@@ -1,69 +1,7 @@
-"""PatchGAN discriminator (Isola et al. 2017, https://arxiv.org/abs/1611.07004), as used by VQGAN, and
-the two GAN objectives tokenizers use (hinge, non-saturating)."""
+"""Import shim: the discriminators moved to :mod:`imagetok.losses.discriminators`. Run configs stored in
+older checkpoints name ``imagetok.losses.discriminator.PatchGANDiscriminator``; they keep working."""
 
-from __future__ import annotations
+from imagetok.losses.discriminators.objectives import discriminator_loss, generator_adversarial_loss
+from imagetok.losses.discriminators.patchgan import PatchGANDiscriminator
 
-from typing import Literal
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from imagetok.errors import check
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(32 if channels % 32 == 0 else 1, channels)
-    return nn.Identity()
-
-
-class PatchGANDiscriminator(nn.Module):
-    """Images ``[B, in_channels, H, W]`` in [-1, 1] -> real/fake logits per patch ``[B, 1, h, w]``.
-
-    Args:
-        ch: width of the first layer; doubles per layer up to ``8 * ch``.
-        n_layers: stride-2 layers (receptive field 70px at 3).
-        norm: ``"group"`` (default: no running statistics to drift apart across ranks), ``"batch"``
-            (the original) or ``"none"``.
-    """
-
-    def __init__(self, *, in_channels: int = 3, ch: int = 64, n_layers: int = 3,
-                 norm: Literal["group", "batch", "none"] = "group") -> None:
-        super().__init__()
-        check(norm in ("group", "batch", "none"), "norm", norm, "'group', 'batch' or 'none'")
-        check(isinstance(n_layers, int) and n_layers >= 1, "n_layers", n_layers, "an integer >= 1")
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        width = ch
-        for n in range(1, n_layers + 1):
-            out = ch * min(2**n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(width, out, 4, stride, 1, bias=norm == "none"), _norm(norm, out), nn.LeakyReLU(0.2, True)]
-            width = out
-        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-        for m in self.modules():  # DCGAN initialisation, as PatchGAN uses
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.main(images)
-
-
-def discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Scalar discriminator loss for ``"hinge"`` or ``"non_saturating"``."""
-    if kind == "hinge":
-        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-
-
-def generator_adversarial_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Scalar generator loss: ``-D(x_hat)`` (hinge) or ``softplus(-D(x_hat))`` (non-saturating)."""
-    if kind == "hinge":
-        return -logits_fake.mean()
-    return F.softplus(-logits_fake).mean()
+__all__ = ["PatchGANDiscriminator", "discriminator_loss", "generator_adversarial_loss"]

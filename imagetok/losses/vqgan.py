@@ -1,5 +1,6 @@
-"""The VQGAN objective: reconstruction + perceptual + adaptive-weighted adversarial + quantizer loss,
-and the discriminator's loss on (real, reconstruction.detach())."""
+"""The VQGAN objective: reconstruction + perceptual + adaptive-weighted adversarial + quantizer loss
+(+ optional teacher alignment: semantic features, REPA on the decoder), and the discriminator's loss on
+(real, reconstruction.detach()) with optional DiffAug, LeCAM and lazy R1."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagetok.errors import MissingWeightsError, check
-from imagetok.losses.discriminator import discriminator_loss, generator_adversarial_loss
+from imagetok.losses.diffaug import DiffAugment
+from imagetok.losses.discriminators.objectives import discriminator_loss, generator_adversarial_loss
 from imagetok.losses.perceptual import LPIPS
+from imagetok.losses.regularizers import LeCAM, r1_due, r1_penalty
+from imagetok.losses.repa import DecoderAlignment
 from imagetok.losses.semantic import SemanticAlignmentLoss
 from imagetok.quantizers.base import QuantizerOutput
 
@@ -36,6 +40,14 @@ class VQGANLoss(nn.Module):
         quantizer_weight: weight of ``QuantizerOutput.loss``.
         semantic: optional teacher-alignment loss on ``QuantizerOutput.features["semantic*"]``
             (factorized and dual-codebook quantizers); its frozen teacher stays out of the module tree.
+        diffaug: DiffAug policies (``translation``, ``cutout``, ``color``) applied to real and generated
+            images before every discriminator call; ``[]`` = off.
+        lecam_weight: weight of the LeCAM regulariser in the discriminator loss; 0 = off (no anchors).
+        lecam_decay: EMA decay of LeCAM's anchors.
+        r1_weight: R1 ``gamma``; the penalty ``gamma / 2 * E||grad D(x)||^2`` on real images; 0 = off.
+        r1_every: lazy R1: every ``r1_every``-th discriminator step, scaled by ``r1_every``.
+        repa: optional REPA decoder alignment; its projector trains with the generator
+            (:meth:`generator_parameters`), it is attached to the decoder by ``training.run.build``.
     """
 
     def __init__(self, *, discriminator: nn.Module, reconstruction: Literal["l1", "l2"] = "l1",
@@ -43,7 +55,9 @@ class VQGANLoss(nn.Module):
                  perceptual_weights_path: str | None = None, perceptual_random_backbone: bool = False,
                  gan_loss: Literal["hinge", "non_saturating"] = "hinge", disc_weight: float = 0.5,
                  adaptive_disc_weight: bool = True, disc_start: int = 0, quantizer_weight: float = 1.0,
-                 semantic: SemanticAlignmentLoss | None = None) -> None:
+                 semantic: SemanticAlignmentLoss | None = None, diffaug: list[str] | tuple[str, ...] = (),
+                 lecam_weight: float = 0.0, lecam_decay: float = 0.99, r1_weight: float = 0.0, r1_every: int = 16,
+                 repa: DecoderAlignment | None = None) -> None:
         super().__init__()
         check(reconstruction in ("l1", "l2"), "reconstruction", reconstruction, "'l1' or 'l2'")
         check(gan_loss in ("hinge", "non_saturating"), "gan_loss", gan_loss, "'hinge' or 'non_saturating'")
@@ -51,10 +65,22 @@ class VQGANLoss(nn.Module):
               "null (auto) or a float >= 0")
         check(isinstance(disc_start, int) and disc_start >= 0, "disc_start", disc_start, "an integer >= 0 (generator steps)")
         check(disc_weight >= 0, "disc_weight", disc_weight, "a float >= 0")
+        check(isinstance(lecam_weight, (int, float)) and lecam_weight >= 0, "lecam_weight", lecam_weight,
+              "a float >= 0 (0 = off)")
+        check(isinstance(r1_weight, (int, float)) and r1_weight >= 0, "r1_weight", r1_weight, "a float >= 0 (0 = off)")
+        check(isinstance(r1_every, int) and r1_every >= 1, "r1_every", r1_every, "an integer >= 1 (discriminator steps)")
+        check(isinstance(diffaug, (list, tuple)), "diffaug", diffaug, "a list such as [translation,cutout,color]")
+        check(isinstance(lecam_decay, (int, float)) and 0 <= lecam_decay < 1, "lecam_decay", lecam_decay, "a float in [0, 1)")
         self.discriminator = discriminator
         self.reconstruction, self.reconstruction_weight = reconstruction, reconstruction_weight
         self.gan_loss, self.disc_weight, self.adaptive_disc_weight = gan_loss, disc_weight, adaptive_disc_weight
         self.disc_start, self.quantizer_weight = disc_start, quantizer_weight
+        self.diffaug = DiffAugment(diffaug)
+        # Only when on: the default run's state_dict (and old checkpoints' keys) stay as they were.
+        self.lecam_weight, self.r1_weight, self.r1_every = float(lecam_weight), float(r1_weight), r1_every
+        if lecam_weight > 0:
+            self.lecam = LeCAM(lecam_decay)
+        self.repa = repa
         self.perceptual_weight, perceptual = self._build_perceptual(
             perceptual_weight, perceptual_weights_path, perceptual_random_backbone)
         # Kept outside the module tree: frozen, so it stays out of checkpoints, EMA and DDP.
@@ -72,6 +98,10 @@ class VQGANLoss(nn.Module):
                 raise
             log.warning("Training without the perceptual (LPIPS) term: %s", err)
             return 0.0, None
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the loss that train with the tokenizer (the REPA projector)."""
+        return list(self.repa.parameters()) if self.repa is not None else []
 
     def discriminator_active(self, step: int) -> bool:
         return self.disc_weight > 0 and step >= self.disc_start
@@ -101,8 +131,12 @@ class VQGANLoss(nn.Module):
             semantic, semantic_logs = self._semantic[0](images, quant.features)
             total = total + semantic
             logs.update(semantic=semantic.detach(), **semantic_logs)
+        if self.repa is not None:  # likewise outside nll
+            repa, repa_logs = self.repa(images)
+            total = total + repa
+            logs.update(repa=repa.detach(), **repa_logs)
         if self.discriminator_active(step):
-            adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(recon).float())
+            adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(self.diffaug(recon)).float())
             weight = torch.tensor(1.0, device=images.device)
             if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled():
                 weight = self._adaptive_weight(nll, adversarial, last_layer)
@@ -111,13 +145,24 @@ class VQGANLoss(nn.Module):
         logs["total"] = total.detach()
         return total, logs
 
-    def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None,
+                           step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Discriminator loss on real ``images`` and detached ``recon``, both ``[B, 3, H, W]`` in [-1, 1].
-        ``discriminator``: what to call instead of ``self.discriminator`` (its data-parallel wrapper)."""
+        ``discriminator``: what to call instead of ``self.discriminator`` (its data-parallel wrapper);
+        ``step``: the generator step, which schedules lazy R1 (no R1 without it)."""
         discriminator = discriminator if discriminator is not None else self.discriminator
-        logits_real = discriminator(images.detach()).float()
-        logits_fake = discriminator(recon.detach()).float()
+        logits_real = discriminator(self.diffaug(images.detach())).float()
+        logits_fake = discriminator(self.diffaug(recon.detach())).float()
         loss = discriminator_loss(self.gan_loss, logits_real, logits_fake)
-        return loss, {"disc": loss.detach(), "logits_real": logits_real.mean().detach(),
-                      "logits_fake": logits_fake.mean().detach()}
+        logs = {"disc": loss.detach(), "logits_real": logits_real.mean().detach(),
+                "logits_fake": logits_fake.mean().detach()}
+        if self.lecam_weight > 0:
+            lecam = self.lecam(logits_real, logits_fake)
+            loss = loss + self.lecam_weight * lecam
+            logs.update(lecam=lecam.detach(), lecam_anchor_real=self.lecam.anchor_real.clone(),
+                        lecam_anchor_fake=self.lecam.anchor_fake.clone())
+        if self.r1_weight > 0 and step is not None and r1_due(step - self.disc_start, self.r1_every):
+            r1 = r1_penalty(lambda x: discriminator(self.diffaug(x)), images)
+            loss = loss + 0.5 * self.r1_weight * self.r1_every * r1  # lazy: N times the weight every N-th step
+            logs["r1"] = r1.detach()
+        return loss, logs

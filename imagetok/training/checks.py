@@ -33,6 +33,13 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.trainer.get("strategy") == "fsdp":  # FSDP2 leaves buffers alone: running statistics would drift by rank
         norm = cfg.loss.discriminator.get("norm", "group")
         check(norm != "batch", "loss.discriminator.norm", norm, "'group' or 'none' with trainer.strategy=fsdp")
+        # Not tried yet under FSDP: spectral-norm parametrisations in the DINO heads, the REPA projector
+        # outside the sharded networks, and R1's double backward through sharded weights.
+        disc = cfg.loss.discriminator.get("_target_", "")
+        check(not disc.endswith("DINODiscriminator"), "loss/discriminator", "dino",
+              "patchgan with trainer.strategy=fsdp (use trainer=ddp for the DINO discriminator)")
+        check(cfg.loss.get("repa") is None, "loss.repa", "set", "null with trainer.strategy=fsdp (use trainer=ddp)")
+        check(not cfg.loss.get("r1_weight"), "loss.r1_weight", cfg.loss.get("r1_weight"), "0 with trainer.strategy=fsdp")
         # Each rank validates on its own shards, so ranks run different numbers of validation batches;
         # under FSDP every forward of the (sharded) EMA copy all-gathers its weights, and a rank that
         # has finished waits in the next collective for batches that never come: a deadlock.

@@ -113,7 +113,9 @@ class TokenizerTrainingModule(L.LightningModule):
         o = self.optim
         betas = tuple(o["betas"])
         lr, disc_lr = self._configured_lrs()
-        opt_g = torch.optim.AdamW([p for p in self.tokenizer.parameters() if p.requires_grad], lr=lr,
+        # The loss's generator-side parameters (the REPA projector) train with the tokenizer.
+        generator = [p for p in self.tokenizer.parameters() if p.requires_grad] + self._loss_generator_parameters()
+        opt_g = torch.optim.AdamW(generator, lr=lr,
                                   betas=betas, weight_decay=o["weight_decay"])
         opt_d = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=disc_lr,
                                   betas=betas, weight_decay=o["weight_decay"])
@@ -124,6 +126,9 @@ class TokenizerTrainingModule(L.LightningModule):
         sched_d = torch.optim.lr_scheduler.LambdaLR(
             opt_d, lr_lambda(o["schedule"], o["warmup_steps"], disc_steps, o["min_lr_ratio"]))
         return [opt_g, opt_d], [sched_g, sched_d]
+
+    def _loss_generator_parameters(self) -> list[nn.Parameter]:
+        return list(getattr(self.loss, "generator_parameters", list)())
 
     def on_train_start(self) -> None:
         """Put the configured learning rates in place of a checkpoint's.
@@ -158,6 +163,9 @@ class TokenizerTrainingModule(L.LightningModule):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if self._sharded:
                 average_replicated_gradients(params)
+            elif name == "generator" and self._parallel:
+                # not inside a DDP wrapper: average by hand so that every rank takes the same step
+                average_replicated_gradients(self._loss_generator_parameters())
             max_norm = self.optim.get("grad_clip")
             if self._skipping or max_norm:  # one norm serves both the check and the clipping
                 norm = gradient_norm(params)
@@ -210,8 +218,9 @@ class TokenizerTrainingModule(L.LightningModule):
         running statistics; the generator loss runs it in train mode too) and, with ``tokenizer``, the
         tokenizer's buffers and the quantizer's parameters (EMA codebook updates, k-means
         initialisation and dead-code restarts write them). The default GroupNorm discriminator has no
-        buffers, so only ``loss.discriminator.norm=batch`` adds to the copy."""
-        state = dict(self.loss.discriminator.named_buffers(prefix="discriminator"))
+        buffers, so only ``loss.discriminator.norm=batch`` adds to the copy; so do LeCAM's anchors and the
+        spectral-norm vectors of the DINO discriminator's heads."""
+        state = dict(self.loss.named_buffers(prefix="loss"))
         if tokenizer:
             state.update(self.tokenizer.named_buffers(prefix="tokenizer"))
             state.update(self.tokenizer.quantizer.named_parameters(prefix="tokenizer.quantizer"))
@@ -268,7 +277,8 @@ class TokenizerTrainingModule(L.LightningModule):
                 # optimiser with a zero-lr step (torch's get_optimizer_state_dict): Adam must count from 0.
                 opt_d.optimizer.state.clear()
             saved_d = self._save_forward_state(tokenizer=False)  # its forward passes on real and fake
-            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"))
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), self._parallel.get("discriminator"),
+                                                     step=step)
             bad = self._nonfinite_terms(d_logs, step)
             if not bad and self._step(opt_d, d_loss, count_as_step=False, name="discriminator", step=step):
                 logs["disc_lr"] = torch.tensor(sched_d.get_last_lr()[0])

@@ -79,6 +79,11 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
         tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),
         total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
         run_config=OmegaConf.to_container(cfg, resolve=True), tokenizer=tokenizer)
+    if getattr(loss, "repa", None) is not None:  # after the EMA copy was made: only the trained decoder is hooked
+        if tokenizer.is_sequence:
+            raise ConfigValueError("loss.repa", "dinov2", "null for 1D token-sequence tokenizers (REPA aligns a "
+                                   "decoder feature map on the token grid: CNN or ViT decoders)")
+        loss.repa.attach(tokenizer.decoder, tuple(tokenizer.token_shape(cfg.data.image_size)[:2]))
     return module, datamodule
 
 
@@ -137,6 +142,10 @@ def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = No
              "%dx%d image -> %s tokens, codebook sizes %s", _count(tok) / 1e6, _count(tok.encoder) / 1e6,
              _count(tok.decoder) / 1e6, _count(module.loss.discriminator) / 1e6, cfg.data.image_size,
              cfg.data.image_size, token_shape, tok.codebook_sizes)
+    frozen = getattr(module.loss.discriminator, "backbone", None)
+    if frozen is not None:
+        log.info("discriminator reads a frozen %s (%.1fM parameters, %s; not trained, not in checkpoints)",
+                 frozen.model, _count(frozen) / 1e6, "RANDOM weights: tests only" if frozen.random else "pretrained")
     log.info("%d generator steps, discriminator from step %d, precision %s, run dir %s",
              cfg.trainer.max_steps, cfg.loss.disc_start, cfg.trainer.get("precision"), run_dir)
     if ckpt_path:

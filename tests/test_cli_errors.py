@@ -120,3 +120,27 @@ def test_console_prints_one_line_for_a_truncated_checkpoint(tmp_path):
     assert (proc.stdout + proc.stderr).strip().splitlines() == [
         f"error: {bad} is not a readable checkpoint (truncated, or not a file torch.save wrote): PytorchStreamReader "
         "failed reading zip archive: failed finding central directory"]
+
+
+def test_resume_takes_the_checkpoints_settings_and_refuses_another_architecture(tmp_path, monkeypatch, capsys):
+    from test_train_variants import SAMPLE, TINY
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["train", *TINY, *SAMPLE, "quantizer.codebook_size=64", "trainer.max_steps=2",
+                                      "checkpoint.every_n_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run}"])
+    _entry_points()["train"]()
+    last = run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+
+    # Only the new step budget: the tiny architecture, batch and intervals come from the checkpoint.
+    monkeypatch.setattr(sys, "argv", ["train", f"resume={last}", "trainer.max_steps=4", f"hydra.run.dir={run}"])
+    _entry_points()["train"]()
+    output = capsys.readouterr()
+    assert "resuming with the settings from the checkpoint; this command changes trainer.max_steps 2 -> 4" in output.out + output.err
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert "every_n_steps: 2" in (run / "config.yaml").read_text()
+
+    output = _run_in_process(monkeypatch, capsys, "train", [f"resume={last}", "trainer.max_steps=6", "quantizer=fsq",
+                                                            f"hydra.run.dir={run}"])
+    (line,) = _error_lines(output)
+    assert "the checkpoint was trained with another architecture" in line and "quantizer._target_" in line

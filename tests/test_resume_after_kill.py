@@ -70,6 +70,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert EVERY <= saved_step < STEPS, (delay, saved_step)
     output = _run(_command(killed, f"resume={killed / 'checkpoints' / 'last.ckpt'}"))
     assert "resuming from" in output and "settings from the checkpoint" in output, output[-2000:]
+    assert f"{STEPS}/{STEPS} [" in output  # the progress bar counts the run's steps, also after the resume
 
     rows_straight, rows_resumed = _rows(straight), _rows(killed)
     steps = [int(r["step"]) for r in rows_resumed if r.get("train/total")]

@@ -1,4 +1,5 @@
-"""Callbacks that leave files a person looks at: reconstruction grids (PNG) and a metrics file (JSON)."""
+"""Callbacks that leave what a person looks at: reconstruction grids (PNG), a metrics file (JSON), the
+progress bar."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchvision.utils import make_grid, save_image
 
@@ -93,3 +95,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(path.name + ".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, counting the run's generator steps against ``trainer.max_steps``. A resumed run
+    (which Lightning restarts mid-epoch, without calling the epoch-start hook) shows ``51/400`` where the
+    stock bar showed ``51/?``; an epoch shorter than the run no longer restarts the count."""
+
+    def _show_run(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None)
+        bar.n = trainer.global_step
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+        bar.refresh()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._show_run(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._show_run(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from imagetok.errors import ConfigValueError
+from imagetok.errors import ConfigValueError, check
 from imagetok.tokenizer import Tokenizer
-from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, ValidationHistory,
+from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImages, StepProgressBar, ValidationHistory,
                                          write_json_atomic)
 from imagetok.training.checks import check_resume_checkpoint, resolve_resume, validate_config
 from imagetok.training.cluster import cluster_plugins
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resume: see resume.py
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # short runs: the CSV still has every step
 # CPU (mkldnn) returns 1x1-conv gradients in another memory layout; DDP copies them, correct but noisy.
 warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
@@ -105,6 +107,18 @@ def scale_learning_rates(module: TokenizerTrainingModule, cfg: DictConfig, train
                  base_lr, o["lr"], base_disc_lr, o["disc_lr"], how)
 
 
+def set_cpu_threads(cfg: DictConfig) -> None:
+    """``cpu_threads`` for a run on the CPU: torch's intra-op threads per process. 1 by default: on a
+    machine that other jobs share, one thread trained several times faster than one per core (threads
+    wait for the slowest core at every op), and idle it loses little at these sizes (benchmarks/cpu_threads.py)."""
+    threads = cfg.get("cpu_threads", "auto")
+    if threads == "auto" or cfg.trainer.get("accelerator") not in ("cpu",):
+        return
+    check(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1, "cpu_threads", threads,
+          "a positive integer or auto")
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class TrainingRun:
     """What :func:`train` leaves behind: the summary written to ``metrics.json`` and the live objects."""
@@ -132,6 +146,7 @@ def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = No
             log.info("resuming with the settings from the checkpoint%s", "; this command changes " + ", ".join(
                 differences) if differences else " (this command changes none of them)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    set_cpu_threads(cfg)
     module, datamodule = build(cfg)
     if rank_zero_only.rank == 0:  # Lightning's DDP launcher re-runs this script for the other ranks
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -175,7 +190,8 @@ def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = No
         trainer_args["strategy"] = GeneratorDiscriminatorDDPStrategy()
     trainer = L.Trainer(**trainer_args, default_root_dir=run_dir,
                         logger=build_loggers(cfg, run_dir, resume_step), plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-                        callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir), RandomState()])
+                        callbacks=[checkpoints, *extra_callbacks, history, ReconstructionImages(run_dir), RandomState(),
+                                   *([StepProgressBar()] if trainer_args.get("enable_progress_bar", True) else [])])
     scale_learning_rates(module, cfg, trainer)
     started = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -30,7 +30,8 @@ def test_local_submitit_sweep_runs_each_job_in_its_own_directory(tmp_path):
     overrides = [*TINY, *SAMPLE, "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=2",
                  "loss.disc_start=1", "optim.lr=1e-3,2e-3"]
     env = dict(os.environ, IMAGETOK_OFFLINE="1")
-    command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *overrides,
+    # The console script, as an installed package runs it: the same overrides and -m sweeps as train.py.
+    command = [os.path.join(os.path.dirname(sys.executable), "imagetok-train"), "-m", "hydra/launcher=submitit_local", *overrides,
                f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from imagetok.errors import CheckpointError
@@ -129,3 +130,17 @@ def prune_step_checkpoints(folder: Path, keep: int) -> list[Path]:
     for path in old:
         path.unlink(missing_ok=True)
     return old
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose step checkpoint, at a step that also validates, is written after that
+    validation (Lightning's own deferral to ``on_validation_end``) instead of before it. A run killed
+    between the two would otherwise resume past a validation it never ran: no figures, no row in the
+    CSV, no reconstruction grid for that step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            self._defer_save_until_validation = True
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -14,7 +14,6 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +25,7 @@ from imagetok.training.checks import check_resume_checkpoint, resolve_resume, va
 from imagetok.training.cluster import cluster_plugins
 from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
-from imagetok.training.resume import prune_step_checkpoints, remove_stale_temporaries, resume_config
+from imagetok.training.resume import StepCheckpoint, prune_step_checkpoints, remove_stale_temporaries, resume_config
 from imagetok.training.rng_state import RandomState
 from imagetok.training.schedule import scaled_lr
 from imagetok.training.strategy import (GeneratorDiscriminatorDDPStrategy, ShardedGeneratorDiscriminatorStrategy,
@@ -175,7 +174,7 @@ def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = No
 
         extra_callbacks.append(ValidationFID(str(cfg.val_fid.feature_layer), cfg.val_fid.inception_weights,
                                              cfg.val_fid.random_weights))
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+    checkpoints = StepCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                                   every_n_train_steps=cfg.checkpoint.every_n_steps, save_last=True,
                                   monitor="step", mode="max", save_top_k=cfg.checkpoint.keep,
                                   enable_version_counter=False)  # one last.ckpt, also after a resume

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from imagetok.errors import CheckpointError, ConfigValueError, check
+from imagetok.training.resume import step_checkpoints
 
 # bf16-true / 64-true would cast the quantizer's float32 statistics and projections away from float32.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed")
@@ -80,7 +81,7 @@ def resolve_resume(resume: str | None, run_dir: Path, search_root: Path) -> str 
         own = run_dir / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
-        steps = sorted((p for p in own.parent.glob("step*.ckpt") if p.stem[4:].isdigit()), key=lambda p: int(p.stem[4:]))
+        steps = step_checkpoints(own.parent)
         if steps:  # killed between a step checkpoint and its last.ckpt copy
             return str(steps[-1])
         found = sorted(search_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime) if search_root.is_dir() else []

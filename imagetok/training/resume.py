@@ -121,10 +121,15 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
+def step_checkpoints(folder: Path) -> list[Path]:
+    """The ``stepNNNNNN.ckpt`` files in ``folder``, oldest step first."""
+    return sorted((p for p in folder.glob("step*.ckpt") if p.stem[4:].isdigit()), key=lambda p: int(p.stem[4:]))
+
+
 def prune_step_checkpoints(folder: Path, keep: int) -> list[Path]:
     """Keep the ``keep`` newest ``stepNNNNNN.ckpt`` files in ``folder`` (by step; ``last.ckpt`` is never
     touched) and delete older ones, which a killed run's successor does not know about; the deleted paths."""
-    steps = sorted((p for p in folder.glob("step*.ckpt") if p.stem[4:].isdigit()), key=lambda p: int(p.stem[4:]))
+    steps = step_checkpoints(folder)
     # keep=-1 keeps them all (ModelCheckpoint's save_top_k=-1); keep=0 keeps only last.ckpt
     old = [] if keep < 0 else steps[:max(0, len(steps) - keep)]
     for path in old:

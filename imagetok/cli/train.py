@@ -12,11 +12,15 @@ from omegaconf import DictConfig
 from imagetok.errors import exit_on_user_error
 
 
-def _defaults(hydra_cfg) -> DictConfig:
+def _defaults(hydra_cfg) -> DictConfig | None:
     """This command's config without its overrides: what a resumed run compares against to tell the
-    settings the user changed from those that come from the checkpoint."""
+    settings the user changed from those that come from the checkpoint (None where Hydra's config
+    loader is not at hand: then this command's config wins in full, as through the Python API)."""
     from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
 
+    if not GlobalHydra.instance().is_initialized():
+        return None
     return compose(config_name=hydra_cfg.job.config_name, overrides=[])
 
 

@@ -107,10 +107,28 @@ def scale_learning_rates(module: TokenizerTrainingModule, cfg: DictConfig, train
                  base_lr, o["lr"], base_disc_lr, o["disc_lr"], how)
 
 
+def busy_cores(seconds: float = 0.3) -> float:
+    """How many cores other processes keep busy now: Linux's ``/proc/stat`` sampled ``seconds`` apart
+    (the 1-minute load average elsewhere, which lags: a job that just ended still counts there)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total and idle + iowait jiffies, all cores
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def set_cpu_threads(cfg: DictConfig) -> None:
     """``cpu_threads`` for a run on the CPU: torch's intra-op threads per process. ``auto`` (the default)
-    keeps ``OMP_NUM_THREADS`` when it is set, and otherwise takes the cores that are idle when the run starts (cores minus the 1-minute load, at least 1), split
-    over the processes of this machine: with every core free, one thread per core trained 1.5x faster
+    keeps ``OMP_NUM_THREADS`` when it is set, and otherwise takes the cores idle when the run starts
+    (:func:`busy_cores`; at least 1), split over the processes of this machine: with every core free, one thread per core trained 1.5x faster
     than one thread; on cores that other jobs keep busy, extra threads wait for the slowest core at
     every op, and one thread was faster and steadier (benchmarks/cpu_threads.py)."""
     if cfg.trainer.get("accelerator") != "cpu":
@@ -121,11 +139,12 @@ def set_cpu_threads(cfg: DictConfig) -> None:
     if threads == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         processes = cfg.trainer.get("devices", 1) if isinstance(cfg.trainer.get("devices", 1), int) else 1
-        threads = max(1, (cores - round(os.getloadavg()[0])) // max(1, processes))
+        busy = busy_cores()
+        threads = max(1, (cores - round(busy)) // max(1, processes))
         threads = min(threads, max(1, cores // max(1, processes)))
         if rank_zero_only.rank == 0:
-            log.info("CPU: %d torch thread(s) per process (%d cores, load %.1f; cpu_threads=N sets it)",
-                     threads, cores, os.getloadavg()[0])
+            log.info("CPU: %d torch thread(s) per process (%d cores, %.1f busy with other work; cpu_threads=N "
+                     "sets it)", threads, cores, busy)
     check(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1, "cpu_threads", threads,
           "a positive integer or auto")
     torch.set_num_threads(threads)

@@ -131,8 +131,14 @@ def batch_size(case: str, args) -> int:
 
 
 def total_steps(args) -> int:
-    """Warm-up + timed steps + one FLOP-counted step on CUDA (after the timed ones)."""
-    return args.warmup + args.steps + (1 if args.device == "cuda" else 0)
+    """Warm-up + timed steps + one FLOP-counted step on CUDA (after the timed ones) unless compiled."""
+    return args.warmup + args.steps + (1 if counts_flops(args) else 0)
+
+
+def counts_flops(args) -> bool:
+    """FLOPs are counted on CUDA in eager mode; a compiled step has the same FLOPs, which ``--flops-from``
+    takes from an eager run's JSON line (FlopCounterMode does not see inside every compiled graph)."""
+    return args.device == "cuda" and not args.compile
 
 
 def case_sizes(case: str, args) -> list[int]:
@@ -183,11 +189,13 @@ def step_result(times: list[float], batch: int, args, flops: float | None) -> di
     step_s = statistics.median(times)
     out = {"images_per_s": batch / step_s, "step_ms": step_s * 1e3, "step_ms_all": [round(t * 1e3, 2) for t in times],
            "peak_memory_mb": round(peak_memory_mb(args.device), 1)}
-    if flops is not None:
+    if args.device == "cuda":
         name = gpu_name(args.device)
         peak = peak_tflops(name)
-        out.update(flops_per_step=flops, gpu=name, peak_bf16_tflops=peak,
-                   achieved_tflops=flops / step_s / 1e12, mfu=(flops / step_s / (peak * 1e12)) if peak else None)
+        out.update(gpu=name, peak_bf16_tflops=peak)
+        if flops is not None:
+            out.update(flops_per_step=flops, achieved_tflops=flops / step_s / 1e12,
+                       mfu=(flops / step_s / (peak * 1e12)) if peak else None)
     return out
 
 
@@ -272,7 +280,7 @@ def make_step_timer(args):
             super().__init__()
             self.args, self.device = args, args.device
             self.times: list[float] = []
-            self.flops = FlopCount() if args.device == "cuda" else None
+            self.flops = FlopCount() if counts_flops(args) else None
             self.profile_rows = None
             self._profiler = None
             self._hooks = []
@@ -589,7 +597,7 @@ def run_llamagen(case: str, size: int, args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     flops = None
-    if args.device == "cuda":
+    if counts_flops(args):
         counter = FlopCount()
         counter.start()
         train_step(batches[0], args.warmup + args.steps)
@@ -667,6 +675,14 @@ def summarise(case: str, size: int, side: str, runs: list[dict], args) -> dict:
     for key in ("experiment", "build", "gpu", "peak_bf16_tflops", "flops_per_step"):
         if key in ok[0]:
             line[key] = ok[0][key]
+    if "flops_per_step" not in ok[0] and args.flops_from and ok[0].get("peak_bf16_tflops"):
+        eager = eager_flops(args.flops_from, case, size, side, ok[0]["batch_size"])
+        if eager:
+            peak = ok[0]["peak_bf16_tflops"] * 1e12
+            for r in ok:
+                r["achieved_tflops"] = eager / (r["step_ms"] / 1e3) / 1e12
+                r["mfu"] = r["achieved_tflops"] * 1e12 / peak
+            line.update(flops_per_step=eager, flops_source=f"eager run in {args.flops_from}")
     if "mfu" in ok[0] and ok[0]["mfu"] is not None:
         line["mfu_median"] = round(statistics.median(r["mfu"] for r in ok), 4)
         line["achieved_tflops_median"] = round(statistics.median(r["achieved_tflops"] for r in ok), 2)
@@ -675,6 +691,19 @@ def summarise(case: str, size: int, side: str, runs: list[dict], args) -> dict:
     if len(runs) > len(ok):
         line["error"] = next(r["error"] for r in runs if "error" in r)
     return line
+
+
+def eager_flops(path: str, case: str, size: int, side: str, batch: int) -> float | None:
+    """FLOPs per step of the same (case, size, side, batch) from an eager run's JSON lines."""
+    try:
+        lines = [json.loads(t) for t in Path(path).read_text().splitlines() if t.startswith("{")]
+    except OSError:
+        return None
+    for m in lines:
+        if (m.get("case"), m.get("image_size"), m.get("side"), m.get("batch_size")) == (case, size, side, batch) \
+                and m.get("flops_per_step") and not m.get("compile"):
+            return m["flops_per_step"]
+    return None
 
 
 def print_profile(line: dict) -> None:
@@ -714,6 +743,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", help="extra Hydra override for the imagetok side (repeatable)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    parser.add_argument("--flops-from", default=None, help="with --compile: FLOPs per step from this eager JSONL")
     parser.add_argument("--worker", nargs=3, metavar=("CASE", "SIZE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "32")

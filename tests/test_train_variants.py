@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from imagetok.training.callbacks import AtomicCheckpointIO
-from imagetok.training.module import TokenizerTrainingModule
+from imagetok.training.nonfinite import DeferredFiniteChecks
 from imagetok.training.run import train
 from test_data import _tree
 
@@ -46,9 +46,15 @@ def test_bf16_mixed_training_steps_stay_finite(compose_config, tmp_path):
     assert run.module.tokenizer.quantizer.codebook.dtype == torch.float32
 
 
-def test_non_finite_loss_names_the_term_and_step():
+def test_deferred_non_finite_check_names_the_term_and_step_one_step_later():
+    checks = DeferredFiniteChecks()
+    checks.add({"pixel": torch.tensor(0.1), "perceptual": torch.tensor(float("nan"))})
+    checks.add({"grad_norm/generator": torch.tensor(float("inf"))})
+    checks.end_step(7, torch.device("cpu"))
+    checks.raise_if_nonfinite(before_step=7)  # step 7's own flags wait for the next step
     with pytest.raises(FloatingPointError, match=r"\['perceptual'\] at generator step 7"):
-        TokenizerTrainingModule._raise_if_not_finite({"pixel": torch.tensor(0.1), "perceptual": torch.tensor(float("nan"))}, 7)
+        checks.raise_if_nonfinite(before_step=8)
+    checks.raise_if_nonfinite()  # read once: nothing queued any more
 
 
 def test_interrupted_checkpoint_save_keeps_the_previous_file(tmp_path, monkeypatch):

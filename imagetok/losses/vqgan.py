@@ -137,7 +137,7 @@ class VQGANLoss(nn.Module):
             logs.update(repa=repa.detach(), **repa_logs)
         if self.discriminator_active(step):
             adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(self.diffaug(recon)).float())
-            weight = torch.tensor(1.0, device=images.device)
+            weight = adversarial.new_ones(())  # not torch.tensor(1.0, device=...): a blocking host-to-device copy
             if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled():
                 weight = self._adaptive_weight(nll, adversarial, last_layer)
             total = total + self.disc_weight * weight * adversarial

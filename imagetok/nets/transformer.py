@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from imagetok.errors import check
 
@@ -70,17 +71,25 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``depth`` :class:`TransformerBlock` s and a final LayerNorm; ``[B, L, width] -> [B, L, width]``."""
+    """``depth`` :class:`TransformerBlock` s and a final LayerNorm; ``[B, L, width] -> [B, L, width]``.
+
+    ``activation_checkpointing`` (set by ``model.activation_checkpointing=true``, not part of the
+    architecture): in a forward with gradients each block keeps only its input and recomputes its
+    activations in the backward pass (``torch.utils.checkpoint``, non-reentrant), so memory grows with
+    the depth by one ``[B, L, width]`` tensor per block; the gradients are the same.
+    """
 
     def __init__(self, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(width, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, mask)
+            x = checkpoint(block, x, rope, mask, use_reentrant=False) if recompute else block(x, rope, mask)
         return self.norm(x)
 
 

@@ -114,6 +114,27 @@ def kmeans(samples: torch.Tensor, num_clusters: int, iters: int, cosine: bool = 
     return centroids, counts
 
 
+def code_counts(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of ``size`` codes occurs in ``indices`` ``[T]`` (int64): ``[size]`` int64. The
+    same as ``torch.bincount(indices, minlength=size)`` for indices below ``size``, without its host
+    sync on CUDA (bincount reads the maximum index to size its output)."""
+    indices = indices.long()
+    return torch.zeros(size, dtype=torch.long, device=indices.device).scatter_add_(0, indices, torch.ones_like(indices))
+
+
+def is_initialized(quantizer: torch.nn.Module) -> bool:
+    """``quantizer.initialized`` (a bool buffer that training only ever turns true), read from the
+    device until it is true and then remembered, so that a step of a trained quantizer does not wait for
+    the GPU. Loading a state dict forgets it (:func:`forget_initialized`, a load hook)."""
+    if not getattr(quantizer, "_initialized_seen", False):
+        quantizer._initialized_seen = bool(quantizer.initialized)
+    return quantizer._initialized_seen
+
+
+def forget_initialized(quantizer: torch.nn.Module, incompatible_keys=None) -> None:
+    quantizer._initialized_seen = False  # the loaded buffer decides again
+
+
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the code distribution given by ``counts`` ``[K]``; K when uniform, 1 when collapsed."""
     probs = counts.float() / counts.sum().clamp_min(1)
@@ -124,7 +145,7 @@ def count_statistics(indices: torch.Tensor, size: int) -> dict[str, torch.Tensor
     """Usage (distinct codes / size), perplexity and entropy (bits) of one sub-token's ``[T]`` indices."""
     total = max(1, indices.numel())
     if size <= indices.numel():  # a dense histogram, no host sync
-        probs = torch.bincount(indices, minlength=size).float() / total
+        probs = code_counts(indices, size).float() / total
         usage = (probs > 0).float().sum() / size
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
     else:  # larger codebooks: count the batch's codes only (every count > 0), fewer and smaller ops

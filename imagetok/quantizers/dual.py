@@ -168,7 +168,7 @@ class DualCodebookQuantizer(Quantizer):
         # The codebooks' own lookup space (same package): l2-normalised latents and codes when asked.
         xs, xp = books[0]._project_in(xs), books[1]._project_in(xp)
         updating = self.training and torch.is_grad_enabled()
-        if updating and not bool(books[0].initialized):
+        if updating and not U.is_initialized(books[0]):
             self._initialize(xs.detach(), xp.detach())
         cs, cp = books[0]._codes(), books[1]._codes()
         idx = shared_nearest_code(xs.detach(), cs.detach(), xp.detach(), cp.detach(), self.semantic_weight,
@@ -179,8 +179,8 @@ class DualCodebookQuantizer(Quantizer):
         metrics = {"commitment/semantic": commit_s.detach(), "commitment/pixel": commit_p.detach()}
         if self.codebook_update == "loss":
             loss = loss + F.mse_loss(qs, xs.detach()) + F.mse_loss(qp, xp.detach())
-        counts = torch.bincount(idx, minlength=books[0].codebook_size)
-        if updating and bool(books[0].initialized):
+        counts = U.code_counts(idx, books[0].codebook_size)
+        if updating and U.is_initialized(books[0]):
             books[0]._update_state(xs.detach(), idx, counts)
             books[1]._update_state(xp.detach(), idx, counts)
             metrics["restarted_codes"] = torch.tensor(float(self._restart_dead_codes(xs.detach(), xp.detach())))

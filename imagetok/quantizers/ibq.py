@@ -207,7 +207,7 @@ class IndexBackpropQuantizer(VectorQuantizer):
         with U.float32_math(z.device):
             x = self._project_in(tokens.float())  # [T, codebook_dim]
             updating = self.training and torch.is_grad_enabled()
-            if updating and not bool(self.initialized):
+            if updating and not U.is_initialized(self):
                 self._initialize(x.detach())
             codes = self._codes()
             idx = self._lookup(x.detach(), codes.detach())
@@ -227,8 +227,8 @@ class IndexBackpropQuantizer(VectorQuantizer):
                                              self.entropy_gamma)
                 loss = loss + self.entropy_weight * entropy[0]
                 metrics["entropy/per_token"], metrics["entropy/codebook"] = entropy[1].detach(), entropy[2].detach()
-            counts = torch.bincount(idx, minlength=self.codebook_size)
-            if updating and bool(self.initialized):
+            counts = U.code_counts(idx, self.codebook_size)
+            if updating and U.is_initialized(self):
                 metrics.update(self._update_state(x.detach(), idx, counts))
             if self.straight_through:  # value unchanged (x - sg(x) is exactly 0)
                 q_ib = q_ib + (x - x.detach())

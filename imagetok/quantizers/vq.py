@@ -94,6 +94,7 @@ class VectorQuantizer(Quantizer):
                                      requires_grad=codebook_update == "loss")
         # State lives in buffers so checkpoints, EMA copies and (later) rank syncs carry it.
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_load_state_dict_post_hook(U.forget_initialized)
         self.register_buffer("cluster_size", torch.zeros(codebook_size))  # EMA of assignments/step
         self.register_buffer("embed_sum", torch.zeros(codebook_size, codebook_dim))  # EMA of sums
         self.register_buffer("last_used", torch.full((codebook_size,), _NEVER, dtype=torch.long))
@@ -119,7 +120,7 @@ class VectorQuantizer(Quantizer):
             x = self._project_in(tokens.float())  # [T, codebook_dim]
             # State changes only in a training forward with gradients: encode() (no_grad) never mutates.
             updating = self.training and torch.is_grad_enabled()
-            if updating and not bool(self.initialized):
+            if updating and not U.is_initialized(self):
                 self._initialize(x.detach())
             codes = self._codes()
             idx = U.nearest_code(x.detach(), codes.detach(), self.max_search_elements, self.l2_normalize)
@@ -131,8 +132,8 @@ class VectorQuantizer(Quantizer):
                 codebook_loss = F.mse_loss(q, x.detach())
                 loss = loss + codebook_loss
                 metrics["codebook_loss"] = codebook_loss.detach()
-            counts = torch.bincount(idx, minlength=self.codebook_size)
-            if updating and bool(self.initialized):
+            counts = U.code_counts(idx, self.codebook_size)
+            if updating and U.is_initialized(self):
                 metrics.update(self._update_state(x.detach(), idx, counts))
             # The value is exactly q; the gradient goes to x by the chosen estimator.
             out = self.project_out(G.with_gradient(x, q, self.gradient))
@@ -192,7 +193,7 @@ class VectorQuantizer(Quantizer):
             smoothed = (self.cluster_size + self.epsilon) / (n + self.codebook_size * self.epsilon) * n
             new = self.embed_sum / smoothed[:, None]
             self.codebook.data.copy_(F.normalize(new, dim=-1) if self.l2_normalize else new)
-        self.last_used[counts > 0] = self.step
+        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))  # no mask indexing: no sync
         self.step += 1
         restarted = self._restart_dead_codes(x) if self.dead_code_threshold > 0 else 0
         return {"restarted_codes": torch.tensor(float(restarted))}

@@ -100,7 +100,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class StepProgressBar(TQDMProgressBar):
     """Lightning's bar, counting the run's generator steps against ``trainer.max_steps``. A resumed run
     (which Lightning restarts mid-epoch, without calling the epoch-start hook) shows ``51/400`` where the
-    stock bar showed ``51/?``; an epoch shorter than the run no longer restarts the count."""
+    stock bar showed ``51/?``; an epoch shorter than the run no longer restarts the count. The loss
+    shown beside it is updated every ``trainer.log_every_n_steps`` steps."""
 
     def _show_run(self, trainer: L.Trainer) -> None:
         bar = self.train_progress_bar
@@ -122,4 +123,8 @@ class StepProgressBar(TQDMProgressBar):
         bar, step = self.train_progress_bar, trainer.global_step
         if bar is not None and self._should_update(step, bar.total):
             bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            # The loss values are device tensors: read them on logging steps only (and the last), so
+            # the other steps do not wait for the GPU.
+            if step % max(1, trainer.log_every_n_steps) == 0 or step == bar.total:
+                bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()

@@ -48,6 +48,18 @@ def validate_config(cfg: DictConfig) -> None:
               "'ddp' (trainer=ddp) or 'auto' with data=webdataset: its ranks validate on unequal numbers of "
               "batches, and under FSDP each validation forward all-gathers the sharded EMA weights, so the "
               "ranks would wait on each other forever; or keep trainer=fsdp with data=imagefolder")
+    compiled = cfg.trainer.get("compile", False)
+    check(isinstance(compiled, (bool, str)) and compiled not in ("", "true", "false"), "trainer.compile", compiled,
+          "true (inductor), false, or the name of a torch.compile backend (e.g. aot_eager)")
+    if compiled and cfg.trainer.get("strategy") == "fsdp":
+        check(False, "trainer.compile", compiled, "false with trainer.strategy=fsdp (not tried yet; use trainer=ddp)")
+    model = cfg.get("model") or {}
+    layout = model.get("channels_last", "auto")
+    check(layout in ("auto", True, False), "model.channels_last", layout, "auto (on CUDA), true or false")
+    recompute = model.get("activation_checkpointing", False)
+    check(isinstance(recompute, bool), "model.activation_checkpointing", recompute, "true or false")
+    fused = cfg.optim.get("fused", "auto")
+    check(fused in ("auto", True, False), "optim.fused", fused, "auto (fused AdamW on CUDA), true or false")
     accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
     check(accumulate == 1, "trainer.accumulate_grad_batches", accumulate,
           "1: imagetok optimises manually (a generator and a discriminator step per batch), which Lightning "

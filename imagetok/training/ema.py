@@ -24,6 +24,10 @@ class EMA(nn.Module):
         self.decay = decay
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+        # num_updates read once (after construction or a checkpoint load), then counted here: reading the
+        # buffer every step would wait for the GPU every step.
+        self._updates_on_host: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_count)
 
     def train(self, mode: bool = True) -> "EMA":
         super().train(mode)
@@ -32,8 +36,11 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if self._updates_on_host is None:
+            self._updates_on_host = int(self.num_updates)
         self.num_updates += 1
-        n = int(self.num_updates)
+        self._updates_on_host += 1
+        n = self._updates_on_host
         decay = min(self.decay, (1 + n) / (10 + n))
         by_kind: dict[type, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for e, p in zip(self.module.parameters(), model.parameters()):
@@ -45,3 +52,7 @@ class EMA(nn.Module):
             torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
+
+
+def _forget_host_count(module: EMA, incompatible_keys) -> None:
+    module._updates_on_host = None  # a checkpoint brought its own num_updates

@@ -64,6 +64,13 @@ def tokenizer_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("encoder", "quantizer", "decoder")}
 
 
+def execution_config(cfg: DictConfig) -> dict[str, Any]:
+    """How the networks run (training/performance.py): ``trainer.compile`` and the ``model`` keys."""
+    model = cfg.get("model") or {}
+    return {"compile": cfg.trainer.get("compile", False), "channels_last": model.get("channels_last", "auto"),
+            "activation_checkpointing": model.get("activation_checkpointing", False)}
+
+
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -80,7 +87,7 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
     module = TokenizerTrainingModule(
         tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),
         total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
-        run_config=OmegaConf.to_container(cfg, resolve=True), tokenizer=tokenizer)
+        run_config=OmegaConf.to_container(cfg, resolve=True), tokenizer=tokenizer, execution=execution_config(cfg))
     if getattr(loss, "repa", None) is not None:  # after the EMA copy was made: only the trained decoder is hooked
         if tokenizer.is_sequence:
             raise ConfigValueError("loss.repa", "dinov2", "null for 1D token-sequence tokenizers (REPA aligns a "
@@ -214,6 +221,7 @@ def train(cfg: DictConfig, run_dir: str | Path, defaults: DictConfig | None = No
         for stale in remove_stale_temporaries(run_dir / "checkpoints"):  # a killed write's leftovers
             log.info("removed %s, left by an interrupted checkpoint write", stale)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.pop("compile", None)  # imagetok's, not a Lightning Trainer argument (see build)
     if trainer_args.get("strategy") == "fsdp":  # Lightning's own FSDPStrategy would wrap the module as a whole
         trainer_args["strategy"] = ShardedGeneratorDiscriminatorStrategy()
     elif wants_ddp(trainer_args.get("strategy", "auto"), trainer_args.get("devices", "auto"),

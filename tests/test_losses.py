@@ -83,3 +83,29 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_at_the_last_layer():
     assert torch.isclose(total, logs["pixel"] + 0.3 + 0.5 * expected * logs["adversarial"], rtol=1e-5)
     _, (_, fixed), *_ = _generator_terms(disc_start=0, step=0, adaptive=False)
     assert fixed["adaptive_weight"] == 1.0
+
+
+def test_the_adaptive_weights_shortcut_gives_the_gradients_of_the_plain_objective():
+    """generator_loss differentiates LPIPS and the discriminator once (d total / d recon handed on):
+    every generator gradient equals that of ``nll + quantizer + disc_weight * w * adversarial``."""
+    torch.manual_seed(0)
+    encoder, last = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 3, 3, padding=1)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss = VQGANLoss(discriminator=PatchGANDiscriminator(ch=8, n_layers=1), perceptual_weight=0.0,
+                     disc_start=0, disc_weight=0.5, adaptive_disc_weight=True)
+    grads = []
+    for shortcut in (True, False):
+        features = encoder(images)
+        recon = last(features)
+        quant = QuantizerOutput(z_q=recon, indices=torch.zeros(2, 1, dtype=torch.long), loss=features.pow(2).mean())
+        if shortcut:
+            total, logs = loss.generator_loss(images, recon, quant, 0, last.weight)
+        else:
+            weight = logs["adaptive_weight"]
+            total = (torch.nn.functional.l1_loss(recon, images) + quant.loss
+                     + 0.5 * weight * generator_adversarial_loss("hinge", loss.discriminator(recon)))
+            assert torch.isclose(total, logs["total"], rtol=1e-6)
+        params = [*encoder.parameters(), *last.parameters()]
+        grads.append(torch.autograd.grad(total, params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

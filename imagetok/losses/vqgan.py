@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from imagetok.errors import MissingWeightsError, check
 from imagetok.losses.diffaug import DiffAugment
@@ -109,10 +110,20 @@ class VQGANLoss(nn.Module):
     def _pixel_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(recon, images) if self.reconstruction == "l1" else F.mse_loss(recon, images)
 
-    def _adaptive_weight(self, nll: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].float()
-        adv_grad = torch.autograd.grad(adversarial, last_layer, retain_graph=True)[0].float()
-        return (nll_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+    def _adaptive_weight(self, nll: torch.Tensor, adversarial: torch.Tensor, recon: torch.Tensor,
+                         last_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VQGAN's adaptive weight ``|d nll / d W| / (|d adv / d W| + 1e-4)`` at the decoder's last
+        layer ``W`` (Esser et al. 2021, eq. 7), clamped to [0, 1e4]. Returns it with ``d nll / d recon``
+        and ``d adv / d recon``: the gradients at the last layer are taken from these through the last
+        layer alone, and :meth:`generator_loss` hands them on, so that LPIPS and the discriminator are
+        differentiated once per step, not twice (once here, once in the backward pass)."""
+        # Through LPIPS and the discriminator, whose graphs are then freed: nothing differentiates them again.
+        (nll_recon,) = torch.autograd.grad(nll, recon)
+        (adv_recon,) = torch.autograd.grad(adversarial, recon)
+        nll_grad = torch.autograd.grad(recon, last_layer, nll_recon, retain_graph=True)[0].float()
+        adv_grad = torch.autograd.grad(recon, last_layer, adv_recon, retain_graph=True)[0].float()
+        weight = (nll_grad.norm() / (adv_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        return weight, nll_recon, adv_recon
 
     def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, quant: QuantizerOutput, step: int,
                        last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -125,24 +136,34 @@ class VQGANLoss(nn.Module):
             perceptual = self._perceptual[0].to(images.device)(images, recon)
             nll = nll + self.perceptual_weight * perceptual
             logs["perceptual"] = perceptual.detach()
-        total = nll + self.quantizer_weight * quant.loss
+        others = self.quantizer_weight * quant.loss  # the terms that do not reach the encoder through recon alone
         logs["quantizer"] = quant.loss.detach()
         if self._semantic:  # outside nll: the adaptive adversarial weight balances pixels only
             semantic, semantic_logs = self._semantic[0](images, quant.features)
-            total = total + semantic
+            others = others + semantic
             logs.update(semantic=semantic.detach(), **semantic_logs)
         if self.repa is not None:  # likewise outside nll
             repa, repa_logs = self.repa(images)
-            total = total + repa
+            others = others + repa
             logs.update(repa=repa.detach(), **repa_logs)
+        total = nll + others
         if self.discriminator_active(step):
             adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(self.diffaug(recon)).float())
             weight = adversarial.new_ones(())  # not torch.tensor(1.0, device=...): a blocking host-to-device copy
-            if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled():
-                weight = self._adaptive_weight(nll, adversarial, last_layer)
-            total = total + self.disc_weight * weight * adversarial
+            if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled() and recon.requires_grad:
+                with record_function("imagetok/adaptive_weight"):
+                    weight, nll_recon, adv_recon = self._adaptive_weight(nll, adversarial, recon, last_layer)
+                value = (total + self.disc_weight * weight * adversarial).detach()
+                # The same gradient as `value`'s own graph: d total / d recon given directly, the rest as is.
+                backward = (recon.float() * (nll_recon + self.disc_weight * weight * adv_recon).float()).sum() + others
+                total = backward + (value - backward.detach())
+            else:
+                total = total + self.disc_weight * weight * adversarial
+                value = total.detach()
             logs.update(adversarial=adversarial.detach(), adaptive_weight=weight)
-        logs["total"] = total.detach()
+        else:
+            value = total.detach()
+        logs["total"] = value
         return total, logs
 
     def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, discriminator: nn.Module | None = None,

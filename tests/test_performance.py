@@ -48,9 +48,9 @@ def test_the_recorder_sees_what_would_make_a_gpu_wait():
     assert [s.op for s in recorder.syncs] == ["_local_scalar_dense", "index_put_", "bincount"]
 
 
-@pytest.mark.parametrize("recipe", [[], ["experiment=cpu_vq_ema", "quantizer.codebook_size=64",
+@pytest.mark.parametrize("recipe", [["optim.grad_clip=null"], ["experiment=cpu_vq_ema", "quantizer.codebook_size=64",
                                          "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0"]],
-                         ids=["default", "ema_codebook"])
+                         ids=["default_without_clipping", "ema_codebook"])
 def test_a_training_step_has_no_host_sync(compose_config, tmp_path, monkeypatch, recipe):
     """Generator and discriminator steps with the full objective: no op in them would wait for a GPU
     (the non-finite checks are read one step late from pinned memory, see training/nonfinite.py).

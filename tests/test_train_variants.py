@@ -50,6 +50,7 @@ def test_deferred_non_finite_check_names_the_term_and_step_one_step_later():
     checks = DeferredFiniteChecks()
     checks.add({"pixel": torch.tensor(0.1), "perceptual": torch.tensor(float("nan"))})
     checks.add({"grad_norm/generator": torch.tensor(float("inf"))})
+    checks.add({})  # no gradient norm without clipping (optim.grad_clip=null)
     checks.end_step(7, torch.device("cpu"))
     checks.raise_if_nonfinite(before_step=7)  # step 7's own flags wait for the next step
     with pytest.raises(FloatingPointError, match=r"\['perceptual'\] at generator step 7"):

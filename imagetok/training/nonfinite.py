@@ -59,7 +59,8 @@ class DeferredFiniteChecks:
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
         """Check ``values`` (scalar tensors: loss terms, or a gradient norm) with this step."""
-        self._open.append({k: v.detach() for k, v in values.items()})
+        if values:
+            self._open.append({k: v.detach() for k, v in values.items()})
 
     def end_step(self, step: int, device: torch.device) -> None:
         """Queue this step's groups: one flag per group, reduced over ranks, copied to the host."""

@@ -64,8 +64,9 @@ step() {
 cat "$OUT/nvidia-smi.txt"
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/torch.txt"
 
-# 2. install only when needed
-if ! "$PY" -c "import imagetok" 2>/dev/null; then
+# 2. install only when needed (from the repository root imagetok imports without installing; a machine
+#    without internet needs the missing dependencies carried as wheels, see the device tool's README)
+if ! "$PY" -c "import imagetok, lightning, hydra, lpips, torchmetrics" 2>/dev/null; then
   step install 200 "$PY" -m pip install -q -e .
 fi
 
@@ -74,6 +75,11 @@ TS=(benchmarks/train_step.py "${DEVICE[@]}" "${LLAMAGEN_ARGS[@]}")
 step train_step_vq16 100 "$PY" "${TS[@]}" "${VQ_CASE[@]}" "${STEPS[@]}" --timeout 45 --out "$OUT/train_step.jsonl"
 step train_step_vit 70 "$PY" "${TS[@]}" "${VIT_CASE[@]}" "${STEPS[@]}" --sides imagetok --timeout 60 \
   --out "$OUT/train_step.jsonl"
+
+# 3b. host synchronisations inside a training step (CUDA's sync debug mode and ATen-level records)
+step host_syncs 60 "$PY" benchmarks/host_syncs.py --device "${DEVICE[1]}" --steps 6 --from-step 3 \
+  --out "$OUT/host_syncs.json" \
+  $([ "$SMOKE" = 1 ] && echo "data.image_size=32 data.batch_size=2" || echo "experiment=llamagen_vq16 data.image_size=256 data.batch_size=8")
 
 # 4. where the time goes (imagetok side)
 step profile 60 "$PY" "${TS[@]}" "${VQ_CASE[@]}" --steps 3 --warmup 2 --repeats 1 --sides imagetok --profile \

@@ -48,17 +48,21 @@ def test_the_recorder_sees_what_would_make_a_gpu_wait():
     assert [s.op for s in recorder.syncs] == ["_local_scalar_dense", "index_put_", "bincount"]
 
 
-@pytest.mark.parametrize("recipe", [["optim.grad_clip=null"], ["experiment=cpu_vq_ema", "quantizer.codebook_size=64",
-                                         "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0"]],
-                         ids=["default_without_clipping", "ema_codebook"])
+NO_LPIPS = ["loss.perceptual_weight=0"]  # a random VGG16 takes seconds to build: in one test of each kind only
+
+
+@pytest.mark.parametrize("recipe", [["optim.grad_clip=null"],
+                                    ["experiment=cpu_vq_ema", "quantizer.codebook_size=64", *NO_LPIPS,
+                                     "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0"]],
+                         ids=["default_with_lpips_without_clipping", "ema_codebook_with_clipping"])
 def test_a_training_step_has_no_host_sync(compose_config, tmp_path, monkeypatch, recipe):
-    """Generator and discriminator steps with the full objective: no op in them would wait for a GPU
+    """Generator and discriminator steps of the full objective: no op in them would wait for a GPU
     (the non-finite checks are read one step late from pinned memory, see training/nonfinite.py).
     The first batches (k-means initialisation, the first read of the codebook state) may sync."""
-    syncs = _record_syncs(monkeypatch, from_batch=3)
-    cfg = compose_config([*FULL_OBJECTIVE, *recipe, "trainer.max_steps=5"])
+    syncs = _record_syncs(monkeypatch, from_batch=2)
+    cfg = compose_config([*FULL_OBJECTIVE, *recipe, "trainer.max_steps=4"])
     run = train(cfg, tmp_path)
-    assert run.trainer.global_step == 5
+    assert run.trainer.global_step == 4
     assert not syncs, sorted({(s.op, s.where, s.innermost) for s in syncs})
 
 
@@ -66,8 +70,7 @@ def test_skip_mode_reads_one_flag_per_network(compose_config, tmp_path, monkeypa
     """optim.nonfinite=skip must decide before each update: it reads one flag per network (the
     ``tolist`` of a two-element flag tensor, which the recorder does not see), nothing else."""
     syncs = _record_syncs(monkeypatch, from_batch=1)
-    cfg = compose_config([*FULL_OBJECTIVE, "trainer.max_steps=3", "optim.nonfinite=skip"])
-    train(cfg, tmp_path)
+    train(compose_config([*FULL_OBJECTIVE, *NO_LPIPS, "trainer.max_steps=2", "optim.nonfinite=skip"]), tmp_path)
     assert syncs == []
 
 
@@ -88,17 +91,17 @@ def _losses(cfg, tmp_path) -> tuple[list[dict[str, float]], TokenizerTrainingMod
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("true", marks=[pytest.mark.inductor, pytest.mark.slow])])
 def test_compiled_steps_match_eager_and_checkpoints_load_eagerly(compose_config, tmp_path, backend):
-    """trainer.compile: the same losses as eager to float tolerance over 3 steps, and a checkpoint whose
-    keys are the eager tokenizer's (no ``_orig_mod.``). ``aot_eager`` runs TorchDynamo's capture (graph
+    """trainer.compile: the same losses as eager to float tolerance, and a checkpoint whose
+    keys are the eager tokenizer's (no ``_orig_mod.``), over 2 steps. ``aot_eager`` runs TorchDynamo's capture (graph
     breaks at the quantizer included) and AOTAutograd's joint forward/backward graphs, in seconds;
     ``true`` (inductor, C++ code generation) takes minutes on 2 cores: ``pytest -m inductor``."""
-    overrides = [*FULL_OBJECTIVE, "trainer.max_steps=3"]
+    overrides = [*FULL_OBJECTIVE, "trainer.max_steps=2"]
     eager, _ = _losses(compose_config(overrides), tmp_path / "eager")
     compiled, module = _losses(compose_config([*overrides, f"trainer.compile={backend}"]), tmp_path / "compiled")
     assert getattr(module.tokenizer.encoder, "_compiled_call_impl", None) is not None  # it did compile
-    assert len(eager) == len(compiled) == 3
+    assert len(eager) == len(compiled) == 2
     for a, b in zip(eager, compiled):
-        assert a.keys() == b.keys() and len(a) == 4
+        assert a.keys() == b.keys() and len(a) == 4  # pixel, perceptual, adversarial, disc
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -107,7 +110,7 @@ def test_compiled_steps_match_eager_and_checkpoints_load_eagerly(compose_config,
 
 
 def test_channels_last_gives_the_same_losses_and_plain_checkpoints(compose_config, tmp_path):
-    overrides = [*FULL_OBJECTIVE, "trainer.max_steps=2"]
+    overrides = [*FULL_OBJECTIVE, *NO_LPIPS, "trainer.max_steps=2"]
     plain, _ = _losses(compose_config([*overrides, "model.channels_last=false"]), tmp_path / "plain")
     nhwc, module = _losses(compose_config([*overrides, "model.channels_last=true"]), tmp_path / "nhwc")
     assert module.tokenizer.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

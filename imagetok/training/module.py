@@ -34,7 +34,7 @@ from imagetok.losses.vqgan import VQGANLoss
 from imagetok.tokenizer import Tokenizer
 from imagetok.training import performance
 from imagetok.training.ema import EMA
-from imagetok.training.nonfinite import DeferredFiniteChecks, all_ranks_min, nonfinite_error, nonfinite_names
+from imagetok.training.nonfinite import DeferredFiniteChecks, all_ranks_min, nonfinite_names
 from imagetok.training.rank_sync import unsynced_state
 from imagetok.training.schedule import lr_lambda
 from imagetok.training.strategy import (average_replicated_gradients, clip_gradient_norm, gradient_norm,

@@ -85,6 +85,16 @@ def test_a_missing_required_value_is_one_line(tmp_path, monkeypatch, capsys, ent
     assert "Traceback" not in output and "MissingMandatoryValue" not in output
 
 
+@pytest.mark.parametrize("value", ["-1", "many", "2.5"])
+def test_a_bad_token_language_cap_is_one_line(tmp_path, monkeypatch, capsys, value):
+    output = _run_in_process(monkeypatch, capsys, "evaluate", [f"checkpoint={tmp_path / 'never-read.ckpt'}",
+                                                               f"eval.token_language_max_images={value}",
+                                                               f"hydra.run.dir={tmp_path / 'run'}"])
+    (line,) = _error_lines(output)
+    assert "eval.token_language_max_images=" in line and value in line
+    assert "null (every image), 0 (no token-language statistics) or an integer >= 1" in line and "Traceback" not in output
+
+
 def test_corrupt_pretrained_weights_are_one_line(tmp_path, monkeypatch, capsys):
     from imagetok import Tokenizer
 

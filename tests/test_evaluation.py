@@ -239,12 +239,28 @@ def test_evaluate_writes_metrics_with_protocol_and_pictures(checkpoint, tmp_path
     assert results["psnr"] == float(psnr.compute())
     assert results["tokens"][0]["usage"] == quant.indices.unique().numel() / tok.codebook_sizes[0]
 
+    # token-language statistics of the split's indices, per sub-codebook, in metrics.json and summary.md
+    (language,) = saved["token_language"]
+    size = tok.codebook_sizes[0]
+    assert language["images"] == 24 and language["tokens"] == quant.indices[..., 0].numel()
+    assert language["layout"] == "grid" and language["codebook_size"] == size
+    assert 0 <= language["conditional_entropy_left_up_bits"] <= language["conditional_entropy_left_bits"]
+    assert language["conditional_entropy_left_bits"] <= language["unigram_entropy_bits"] + 1e-9 <= math.log2(size) + 1e-9
+    assert 1 <= language["bigram_perplexity"] <= size and language["mutual_information_bits"][0] >= 0
+    assert language["heaps_distinct"][-1] == quant.indices.unique().numel() and math.isfinite(language["heaps_beta"])
+    assert language["zlib_bits_per_token"] > 0 and language["lzma_bits_per_token"] > 0
+    assert saved["protocol"]["token_language"].startswith("plug-in")
+    summary = (out / "summary.md").read_text()
+    assert "| sub-codebook 0 predictability (24 images, " in summary and "| H(x given left, up) " in summary
+    assert "lzma" in summary
+
     # a saved reference gives the same FID as the originals it was computed from
     mu, sigma = load_reference(tmp_path / "ref.npz")
     assert mu.shape == (64,) and sigma.shape == (64, 64)
     again = evaluate(_eval_config([f"checkpoint={checkpoint}", *FAST, f"eval.fid_reference={tmp_path / 'ref.npz'}",
                                    "eval.metrics=[fid]"]), tmp_path / "eval2")
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-9, abs=1e-12)
+    assert "token_language" not in again and again["protocol"]["token_language"] is None  # no `tokens` asked
 
 
 def test_evaluate_refuses_bad_values(checkpoint, tmp_path):
@@ -286,7 +302,8 @@ def test_evaluation_on_two_processes_counts_each_image_once(checkpoint, tmp_path
 
     from conftest import ROOT
 
-    args = [f"checkpoint={checkpoint}", *FAST, "eval.num_images=24", "eval.metrics=[psnr,ssim,fid,tokens]"]
+    args = [f"checkpoint={checkpoint}", *FAST, "eval.num_images=24", "eval.metrics=[psnr,ssim,fid,tokens]",
+            "eval.token_language_max_images=11"]
     single = evaluate(_eval_config(args), tmp_path / "single")
     env = dict(os.environ, OMP_NUM_THREADS="1", IMAGETOK_OFFLINE="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -295,6 +312,8 @@ def test_evaluation_on_two_processes_counts_each_image_once(checkpoint, tmp_path
     double = json.loads((tmp_path / "double" / "metrics.json").read_text())
     assert double["num_images"] == 24 and double["protocol"]["world_size"] == 2
     assert double["tokens"] == single["tokens"]
+    # the first 11 images' tokens, gathered in the split's order from both ranks (6 + 5)
+    assert single["token_language"][0]["images"] == 11 and double["token_language"] == single["token_language"]
     for key in ("psnr", "ssim", "fid"):
         assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-9), key
 

@@ -35,6 +35,7 @@ def test_uniform_tokens_are_unpredictable_and_incompressible(uniform):
     assert s["conditional_entropy_left_up_bits"] == pytest.approx(bound, abs=5e-3)
     assert s["conditional_entropy_left_bits"] == pytest.approx(bound, abs=2e-3)
     assert s["bigram_perplexity"] == pytest.approx(V, abs=0.02)
+    assert s["split_half_bigram_perplexity"] == pytest.approx(V, abs=0.02)  # add-1 model of 600 images, 600 others
     assert len(s["mutual_information_bits"]) == 8 and max(s["mutual_information_bits"]) < 2e-3  # bias 49 / (2 n ln 2)
     assert s["serialized_bytes_per_token"] == 1.0 and s["raw_bits_per_token"] == 3.0
     for name in ("zlib", "lzma"):  # no compressor beats the entropy of i.i.d. tokens
@@ -63,7 +64,8 @@ def test_codes_of_large_codebooks_give_the_same_numbers(uniform):
         assert conditional_entropy_left_up(big) == pytest.approx(conditional_entropy_left_up(small), abs=1e-12)
         assert mutual_information(big, 3) == pytest.approx(mutual_information(small, 3), abs=1e-12)
         s = token_language_statistics(big, size)
-        assert s["raw_bits_per_token"] == math.log2(size) and s["serialized_bytes_per_token"] == (3 if size == 2**18 else 8)
+        assert s["raw_bits_per_token"] == math.log2(size)
+        assert s["serialized_bytes_per_token"] == (3 if size == 2**18 else 8)
 
 
 def _markov(transition: torch.Tensor, stationary: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
@@ -95,6 +97,7 @@ def test_markov_chain_entropy_perplexity_and_mutual_information_are_exact():
     assert s["conditional_entropy_left_bits"] == pytest.approx(entropy, abs=0.01)
     assert s["bigram_entropy_bits"] == s["conditional_entropy_left_bits"]  # a sequence has no row wraps
     assert s["bigram_perplexity"] == pytest.approx(2**entropy, rel=0.01)
+    assert s["split_half_bigram_perplexity"] == pytest.approx(2**entropy, rel=0.01)
     expected = [exact_mi(d) for d in range(1, 9)]
     assert expected[0] > 0.3 and expected[-1] < expected[0] / 4  # a decaying dependence, worth measuring
     assert s["mutual_information_bits"] == pytest.approx(expected, abs=0.01)  # sampling sd ~0.003 bits
@@ -155,7 +158,8 @@ def _write_shards(directory, tokens: np.ndarray, shard_size: int, codebook_sizes
 def test_every_sub_codebook_of_indices_and_of_shards(uniform, tmp_path):
     indices = torch.stack([uniform[:50], uniform[50:100] % 3], dim=-1)  # [50, 16, 16, K=2]
     per_codebook = language_statistics(indices, [V, 3])
-    assert per_codebook == [token_language_statistics(uniform[:50], V), token_language_statistics(uniform[50:100] % 3, 3)]
+    assert per_codebook == [token_language_statistics(uniform[:50], V),
+                            token_language_statistics(uniform[50:100] % 3, 3)]
     assert per_codebook[1]["unigram_entropy_bits"] <= math.log2(3)
     _write_shards(tmp_path / "tokens", indices.numpy(), shard_size=16, codebook_sizes=[V, 3])
     assert shard_language_statistics(tmp_path / "tokens") == per_codebook

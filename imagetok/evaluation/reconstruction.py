@@ -4,7 +4,9 @@ tokenizer on the same images, sharing the metric networks and the originals' Inc
 
 Per image the originals and reconstructions are rounded to uint8 first (as saved PNGs would hold
 them, ``eval.round_to_uint8``), then: PSNR and SSIM (torchmetrics), LPIPS-VGG (``lpips``), Inception
-features for FID (torch-fidelity's network), and exact token counts per sub-codebook.
+features for FID (torch-fidelity's network), and exact token counts per sub-codebook; the first
+images' whole token sequences are kept (``eval.token_language_max_images``) for the token-language
+statistics (:mod:`imagetok.evaluation.token_language`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from imagetok.errors import ConfigValueError
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference
 from imagetok.evaluation.inception import InceptionFeatures
+from imagetok.evaluation.token_language import DEFAULT_MAX_IMAGES, PROTOCOL, language_statistics
+from imagetok.evaluation.token_sample import TokenSample
 from imagetok.evaluation.tokens import token_statistics
 from imagetok.quantizers._utils import all_reduce_sum
 from imagetok.tokenizer import Tokenizer
@@ -62,7 +66,9 @@ class TokenizerEvaluation:
     """What :func:`evaluate_tokenizer` measured.
 
     ``metrics``: ``num_images`` and, as asked, ``psnr``, ``ssim``, ``lpips``, ``fid``, ``psnr_vs_tokens``,
-    ``tokens`` (per sub-codebook statistics) and ``codebook_usage`` (their mean), in that order.
+    ``tokens`` (per sub-codebook statistics), ``codebook_usage`` (their mean) and ``token_language``
+    (per sub-codebook :func:`~imagetok.evaluation.token_language.language_statistics` of the kept
+    images, unless ``eval.token_language_max_images`` is 0), in that order.
     ``originals`` / ``reconstructions``: the kept images ``[n, 3, H, W]`` in [-1, 1] (CPU, unclamped
     reconstructions). ``seconds``: wall time of the tokenizer's forward passes alone (encode and
     decode, no metric), summed over batches."""
@@ -75,6 +81,12 @@ class TokenizerEvaluation:
     real_statistics: FeatureStatistics | None
     fid_reference: str | None
     seconds: float
+
+
+def token_language_images(e: DictConfig) -> int | None:
+    """``eval.token_language_max_images``: the images whose tokens are kept for the token-language
+    statistics (None: every image, 0: none, the statistics off); 0 unless ``tokens`` is measured."""
+    return e.get("token_language_max_images", DEFAULT_MAX_IMAGES) if "tokens" in e.metrics else 0
 
 
 def _to_unit(recon: torch.Tensor, round_to_uint8: bool) -> torch.Tensor:
@@ -107,6 +119,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
     stats_real = FeatureStatistics(inception.dim) if inception is not None and real_statistics is None else None
     stats_fake = FeatureStatistics(inception.dim) if inception is not None else None
     usage = CodebookUsage(tokenizer.codebook_sizes).to(device)
+    max_language_images = token_language_images(e)
+    sample = TokenSample(max_language_images, tokenizer.codebook_sizes) if max_language_images != 0 else None
     prefix_psnr = {k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for k in prefixes}
     keep = sorted(set(keep))
     kept_real: list[torch.Tensor] = []
@@ -138,6 +152,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
             if stats_fake is not None:
                 stats_fake.update(inception(fake_u8 if fake_u8 is not None else Tokenizer.to_uint8(recon)))
             usage.update(quant.indices)
+            if sample is not None:
+                sample.update(quant.indices)
             for k, metric in prefix_psnr.items():  # the first k tokens alone, as a variable-length decoder takes them
                 metric.update(_to_unit(tokenizer.decode(quant.indices[:, :k]), e.round_to_uint8), real)
             chosen = [i - seen for i in keep if seen <= i < seen + batch.shape[0]]
@@ -153,6 +169,7 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
     seen = int(seen)
     with usage.sync_context():  # every rank's counts (a collective: every rank reaches it)
         per_codebook = [c.cpu() for c in usage.per_codebook()]
+    kept_indices = sample.gathered() if sample is not None else None  # a collective too
     if seen == 0:
         raise ConfigValueError("data", data_target, "a validation split with at least one image")
     if inception is not None and seen < inception.dim and e.fid_reference == "originals" and not e.force:
@@ -188,6 +205,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
     if "tokens" in wanted:
         metrics["tokens"] = token_stats
         metrics["codebook_usage"] = sum(s["usage"] for s in token_stats) / len(token_stats)
+        if kept_indices is not None:
+            metrics["token_language"] = language_statistics(kept_indices, tokenizer.codebook_sizes)
     empty = torch.empty(0)
     return TokenizerEvaluation(metrics=metrics, per_codebook=per_codebook, token_stats=token_stats,
                                originals=torch.cat(kept_real) if kept_real else empty,
@@ -223,6 +242,9 @@ def evaluation_protocol(e: DictConfig, split: str, crop: str, networks: MetricNe
                  "(reflect-padded borders)") if "ssim" in networks.wanted else None,
         "psnr": "mean over images of per-image PSNR, data range 1 (torchmetrics)" if "psnr" in networks.wanted else None,
         "codebook_usage": "distinct codes over the whole split / codebook size, per sub-codebook (exact counts)",
+        "token_language": (f"{PROTOCOL}; the split's first {token_language_images(e)} images at most "
+                           "(eval.token_language_max_images; null: every image)"
+                           if "tokens" in networks.wanted and token_language_images(e) != 0 else None),
         "psnr_vs_tokens": ("PSNR as above of decode(encode(x)[:, :k]): the first k tokens of each 1D sequence"
                            if prefix_psnr else None),
         "versions": library_versions(), "seed": seed}

@@ -67,6 +67,10 @@ def validate_eval_config(e: DictConfig) -> None:
     check(e.num_images is None or (isinstance(e.num_images, int) and e.num_images >= 2), "eval.num_images",
           e.num_images, "null (the whole split) or an integer >= 2")
     check(isinstance(e.batch_size, int) and e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
+    language = e.get("token_language_max_images")
+    check(language is None or (isinstance(language, int) and not isinstance(language, bool) and language >= 0),
+          "eval.token_language_max_images", language, "null (every image), 0 (no token-language statistics) or an "
+          "integer >= 1")
     if e.save_reference is not None:
         check("fid" in e.metrics, "eval.save_reference", e.save_reference, "null unless 'fid' is in eval.metrics")
 
@@ -168,6 +172,8 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append((f"sub-codebook {k} ({s['codebook_size']} codes)",
                      f"usage {100 * s['usage']:.1f}%, perplexity {s['perplexity']:.1f}, "
                      f"entropy {s['entropy_bits']:.2f} bits, Zipf s={zipf}"))
+    for k, s in enumerate(results.get("token_language", [])):
+        rows.extend(token_language_rows(k, s))
     for k, value in results.get("psnr_vs_tokens", {}).items():
         rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f}"))
     rows.append(("weights", p["weights"]))
@@ -179,3 +185,18 @@ def summary_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def token_language_rows(k: int, s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows of sub-codebook ``k``'s token-language statistics ``s`` (in-sample plug-in estimates,
+    low for conditional entropies and high for MI when the contexts seen approach the tokens counted)."""
+    context = (f"H(x given left, up) {s['conditional_entropy_left_up_bits']:.3f} ({s['left_up_contexts']} contexts), "
+               if s["layout"] == "grid" else "")
+    mi = f"{s['mutual_information_bits'][0]:.4f}" if s["mutual_information_bits"] else "n/a"
+    return [(f"sub-codebook {k} predictability ({s['images']} images, {s['tokens']} tokens, in-sample)",
+             f"{context}H(x given left) {s['conditional_entropy_left_bits']:.3f} bits, "
+             f"bigram perplexity {s['bigram_perplexity']:.1f} (held-out half {s['split_half_bigram_perplexity']:.1f}), "
+             f"MI at distance 1 {mi} bits, "
+             f"Heaps beta {s['heaps_beta']:.3f}"),
+            (f"sub-codebook {k} compression (bits/token)",
+             f"zlib {s['zlib_bits_per_token']:.3f}, lzma {s['lzma_bits_per_token']:.3f} vs unigram entropy "
+             f"{s['unigram_entropy_bits']:.3f}, bigram {s['bigram_entropy_bits']:.3f}, "
+             f"raw {s['raw_bits_per_token']:.0f}")]

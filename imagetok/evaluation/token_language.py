@@ -207,13 +207,17 @@ def token_language_statistics(tokens: Tokens, codebook_size: int, *, max_distanc
     ``layout`` ("grid" / "sequence"), ``images``, ``tokens``; ``unigram_entropy_bits`` (``H(x)``, the
     bound of a memoryless code); ``conditional_entropy_left_bits``; for grids ``conditional_entropy_left_up_bits``
     and ``left_up_contexts`` (distinct (left, up) pairs seen); ``bigram_entropy_bits`` (``H(x_t | x_{t-1})``
-    in raster order), ``bigram_contexts`` and ``bigram_perplexity``; ``held_out_bigram_perplexity``
-    when ``held_out`` (same layout) is given; ``mutual_information_bits`` (list, distance 1 first);
+    in raster order), ``bigram_contexts`` and ``bigram_perplexity``; ``split_half_bigram_perplexity``
+    (:func:`held_out_bigram_perplexity` of the second half of the images under the add-``alpha`` model of
+    the first half, ``N // 2`` images; NaN for one image: an out-of-sample check on the plug-in number);
+    ``held_out_bigram_perplexity`` (``held_out`` scored under the model of all of ``tokens``) when
+    ``held_out`` (same layout) is given; ``mutual_information_bits`` (list, distance 1 first);
     ``heaps_tokens``, ``heaps_distinct``, ``heaps_beta``, ``heaps_k``; and :func:`compression`'s keys.
     """
     tokens = _array(tokens)
     if tokens.ndim not in (2, 3) or tokens.size == 0:
-        raise ValueError(f"tokens of shape {tuple(tokens.shape)}: expected a non-empty [N, h, w] grid or [N, L] sequences")
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)}: expected a non-empty [N, h, w] grid or "
+                         "[N, L] sequences")
     grid = tokens.ndim == 3
     stream = _raster(tokens)
     out: dict[str, Any] = {"layout": "grid" if grid else "sequence", "images": int(tokens.shape[0]),
@@ -227,6 +231,9 @@ def token_language_statistics(tokens: Tokens, codebook_size: int, *, max_distanc
     out["bigram_entropy_bits"] = conditional_entropy_left(stream)
     out["bigram_contexts"] = int(np.unique(stream[:, :-1]).size)
     out["bigram_perplexity"] = 2.0 ** out["bigram_entropy_bits"]
+    half = tokens.shape[0] // 2
+    out["split_half_bigram_perplexity"] = (
+        held_out_bigram_perplexity(tokens[:half], tokens[half:], codebook_size, alpha) if half else float("nan"))
     if held_out is not None:
         out["held_out_bigram_perplexity"] = held_out_bigram_perplexity(tokens, held_out, codebook_size, alpha)
     out["mutual_information_bits"] = mutual_information(tokens, max_distance)

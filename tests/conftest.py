@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -62,3 +64,31 @@ def train_recipe(compose_config, tmp_path: Path, overrides: Sequence[str], steps
     with torch.no_grad():
         assert torch.equal(tok.decode(ids), tok(images)[0])
     return run, tok, images, ids
+
+
+# A 2-process (gloo) DDP run of the EMA-codebook recipe with k-means, dead-code restarts and the
+# discriminator from step 2 (the adaptive weight over the replicated last layer). test_distributed
+# checks the ranks stay identical; test_fsdp compares FSDP against it. One run serves both (~12 s).
+TWO_PROCESS_RUN = ["experiment=cpu_vq_ema", "encoder.ch=8", "encoder.z_channels=8", "encoder.ch_mult=[1,2]",
+                   "data.image_size=16", "data.batch_size=4", "data.val_batch_size=4", "loss.discriminator.ch=8",
+                   "trainer.log_every_n_steps=1", "data.val_samples=8", "quantizer.codebook_size=1024",
+                   "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0.5", "loss.disc_start=2",
+                   "trainer.devices=2", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                   "checkpoint.every_n_steps=2"]
+
+
+def train_two_processes(run_dir: Path, *extra: str) -> str:
+    """``train.py`` with :data:`TWO_PROCESS_RUN` and ``extra`` in a subprocess; returns its output."""
+    env = dict(os.environ, IMAGETOK_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "train.py", *TWO_PROCESS_RUN, *extra, f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """The run directory of :data:`TWO_PROCESS_RUN` under DDP."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    train_two_processes(run_dir)
+    return run_dir

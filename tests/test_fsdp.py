@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import train_two_processes
 from imagetok.errors import ConfigValueError
 from imagetok.tokenizer import Tokenizer
 from imagetok.training.checks import validate_config
 from imagetok.training.run import build
 from test_resume import _assert_same
-from test_train_variants import TINY
-
-# EMA codebook with k-means and restarts (replicated quantizer, written in place by its forward), the
-# discriminator from step 2 with the adaptive weight (autograd.grad on the replicated last layer).
-RUN = ["experiment=cpu_vq_ema", *TINY, "data.val_samples=8", "quantizer.codebook_size=64",
-       "quantizer.kmeans_init_batches=2", "quantizer.dead_code_threshold=0.5", "loss.disc_start=2", "trainer.devices=2",
-       "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint.every_n_steps=2"]
-
-
-def _train(run_dir, *extra) -> str:
-    env = dict(os.environ, IMAGETOK_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "train.py", *RUN, *extra, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
 
 def _losses(run_dir) -> list[float]:
     with open(run_dir / "logs" / "metrics.csv") as f:
@@ -45,14 +26,13 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, ddp_run):
     root = tmp_path_factory.mktemp("fsdp")
-    ddp, fsdp, resumed = root / "ddp", root / "fsdp", root / "resumed"
-    _train(ddp)
-    log = _train(fsdp, "trainer.strategy=fsdp")
+    ddp, fsdp, resumed = ddp_run, root / "fsdp", root / "resumed"
+    log = train_two_processes(fsdp, "trainer.strategy=fsdp")
     # nonfinite=skip also takes the gradient-norm check over sharded and replicated gradients (no step is bad)
     middle = fsdp / "checkpoints" / "step000002.ckpt"
-    _train(resumed, "trainer.strategy=fsdp", f"resume={middle}", "optim.nonfinite=skip")
+    train_two_processes(resumed, "trainer.strategy=fsdp", f"resume={middle}", "optim.nonfinite=skip")
     return ddp, fsdp, resumed, log
 
 

@@ -165,9 +165,9 @@ class ShardBatches(IterableDataset):
     little, and every batch then mixes the whole dataset. Rank ``r`` of ``world`` takes items
     ``r, r + world, ...`` of the permutation (with ``drop_last`` the permutation is first cut to a
     multiple of ``world``, so that every rank runs the same number of batches, as DDP needs), cuts them
-    into batches of ``batch_size``, and DataLoader worker ``w`` of ``W`` reads batches ``w, w + W, ...``,
-    which the DataLoader hands out round-robin, i.e. in batch order. Batches ``< skip`` are not read
-    (a resumed run's first pass). Items: dicts as :meth:`TokenShards.read` returns.
+    into batches of ``batch_size``, and DataLoader worker ``w`` of ``W`` reads batches ``skip + w,
+    skip + w + W, ...``, which the DataLoader hands out round-robin, i.e. in batch order. Batches
+    ``< skip`` are not read (a resumed run's first pass). Items: dicts as :meth:`TokenShards.read` returns.
     """
 
     def __init__(self, shards: TokenShards, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0,
@@ -201,7 +201,9 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for b, items in enumerate(self.batches(self.epoch)):
-            if b >= self.skip and b % workers == worker:
+            # counted from the first batch served, so that the DataLoader's round-robin over workers
+            # (worker 0 first) hands the batches out in order after a skip too
+            if b >= self.skip and (b - self.skip) % workers == worker:
                 yield self.shards.read(items)
 
 

@@ -34,6 +34,8 @@ from imagetok.training.run import set_cpu_threads
 log = logging.getLogger(__name__)
 # ShardBatches splits its batches between DataLoader workers itself, so its length is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resume
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # short runs: the CSV still has every step
 CONDITIONING = ("auto", "class", "none")
 
 

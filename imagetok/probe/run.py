@@ -5,6 +5,7 @@ validation shards, sample, decode, and write ``metrics.json``, ``summary.md``, `
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -201,7 +201,7 @@ def report(cfg: DictConfig, run_dir: Path, module: ProbeModule, datamodule: Toke
         if want_fid:
             gfid = generation_fid(images[: cfg.fid.num_samples], datamodule.index,
                                   OmegaConf.to_container(cfg.fid, resolve=True), device)
-    plot_loss_curve(module.curve, final["unigram_entropy_bits_per_position"] * torch.log(torch.tensor(2.0)).item(),
+    plot_loss_curve(module.curve, final["unigram_entropy_bits_per_position"] * math.log(2),
                     curve_path)
     metrics = {
         "final": final, "validation": [{"step": int(s), "nll_nats_per_position": v} for s, v in module.curve["val"]],

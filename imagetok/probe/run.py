@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # ShardBatches splits its batches between DataLoader workers itself, so its length is exact.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resume
+# the validation figures are logged after ProbeModule summed them over the ranks itself
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")  # short runs: the CSV still has every step
 CONDITIONING = ("auto", "class", "none")
 

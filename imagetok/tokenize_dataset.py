@@ -5,6 +5,10 @@
 Resumable: shards already on disk are skipped, each shard is written to a temporary file and renamed,
 so an interrupted run leaves only complete shards. Split across processes: under ``torchrun`` (or
 with ``RANK``/``WORLD_SIZE`` set) rank ``r`` writes shards ``r, r + world, ...``; no communication.
+
+Class labels: when the source has classes (``data=imagefolder`` with ``root/<split>/<class>/...``),
+``labels-NNNNN.npy`` (int64 ``[n]``) is written next to each tokens shard and index.json records
+``num_classes`` and ``label_names``; other sources write no labels (as before).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from imagetok.data.inference import require_indexed
-from imagetok.data.token_shards import INDEX_NAME, shard_name, token_dtype
+from imagetok.data.token_shards import INDEX_NAME, label_shard_name, shard_name, token_dtype
 from imagetok.errors import ConfigValueError, check, exit_on_user_error
 from imagetok.tokenizer import Tokenizer
 
@@ -37,6 +41,31 @@ def tokenizer_identity(tokenizer: Tokenizer) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def source_labels(datamodule, split: str, total: int) -> tuple[np.ndarray, list[str]] | None:
+    """Class ids (int64 ``[total]``) of the split's first ``total`` items, and the class names; None when
+    the source has no classes. Only ImageFolder sources have them: item ``i`` of its split is file
+    ``i % len(files)`` (its datasets cycle over the sorted file list), whose class is its first
+    subdirectory (:func:`~imagetok.data.imagefolder.folder_classes`). The sample data has no classes,
+    and webdataset sources (whose ``cls`` key would carry them) are streams, which this command refuses."""
+    from imagetok.data.imagefolder import ImageFolderDataModule, folder_classes
+
+    if not isinstance(datamodule, ImageFolderDataModule):
+        return None
+    classes = folder_classes(datamodule.root / split)
+    if classes is None:
+        return None
+    per_file, names = classes
+    per_file = np.asarray(per_file, dtype=np.int64)
+    return per_file[np.arange(total) % len(per_file)], names
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:  # np.save would append .npy to the temporary name
+        np.save(handle, array)
+    os.replace(tmp, path)
 
 
 def tokenize(cfg: DictConfig) -> Path:
@@ -58,24 +87,40 @@ def tokenize(cfg: DictConfig) -> Path:
     identity = tokenizer_identity(tokenizer)
     dtype = token_dtype(tokenizer.codebook_sizes)
     num_shards = -(-total // cfg.shard_size)
-    index = {"tokenizer_sha256": identity, "pretrained": str(cfg.pretrained), "codebook_sizes": tokenizer.codebook_sizes,
+    # A local tokenizer is recorded by its absolute path, so readers of the shards (the AR probe) find it from anywhere.
+    local = Path(str(cfg.pretrained)).expanduser()
+    pretrained = str(local.resolve()) if local.is_dir() else str(cfg.pretrained)
+    index = {"tokenizer_sha256": identity, "pretrained": pretrained, "codebook_sizes": tokenizer.codebook_sizes,
              "token_shape": list(tokenizer.token_shape(cfg.data.image_size)), "dtype": dtype.name, "num_images": total,
              "shard_size": cfg.shard_size, "split": cfg.split, "data": OmegaConf.to_container(cfg.data, resolve=True),
              "shards": [{"file": shard_name(k), "first": k * cfg.shard_size,
                          "count": min(cfg.shard_size, total - k * cfg.shard_size)} for k in range(num_shards)]}
+    scales = getattr(tokenizer.quantizer, "scales", None)
+    if scales is not None and not tokenizer.is_sequence:  # multi-scale (VAR): [sum s^2, 1], coarse to fine
+        index["scales"] = list(scales)
+    labels = source_labels(datamodule, cfg.split, total)
+    if labels is not None:
+        index["num_classes"], index["label_names"] = len(labels[1]), labels[1]
+        log.info("class labels: %d classes (the first subdirectory of each image), written as labels-NNNNN.npy",
+                 len(labels[1]))
     index_path = out / INDEX_NAME
-    if index_path.is_file():
-        previous = json.loads(index_path.read_text())
+    previous = json.loads(index_path.read_text()) if index_path.is_file() else None
+    if previous is not None:
         for key in ("tokenizer_sha256", "num_images", "shard_size", "split", "data"):
             if previous.get(key) != index[key]:
                 raise ConfigValueError("out", str(out), f"an empty directory or one written by the same tokenizer and "
                                        f"settings ({key} differs from its {INDEX_NAME})")
-    elif rank == 0:
+    if rank == 0 and previous != index:  # new, or written before labels/scales were recorded
         tmp = index_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, index_path)
 
     mine = [k for k in range(num_shards) if k % world == rank]
+    if labels is not None:  # cheap, no encoding: also fills in labels for shards written before labels existed
+        for k in mine:
+            if not (out / label_shard_name(k)).is_file():
+                first, count = index["shards"][k]["first"], index["shards"][k]["count"]
+                _write_npy(out / label_shard_name(k), labels[0][first : first + count])
     todo = [k for k in mine if not (out / shard_name(k)).is_file()]
     log.info("rank %d/%d: %d of its %d shards to write (%d skipped as already complete), %d images, dtype %s",
              rank, world, len(todo), len(mine), len(mine) - len(todo), total, dtype.name)
@@ -99,10 +144,7 @@ def tokenize(cfg: DictConfig) -> Path:
                     started = time.perf_counter() - tick
                     log.info("estimated %.1f minutes for %d images (%.0f images/s on the first batch)",
                              started * to_write / images.shape[0] / 60, to_write, images.shape[0] / max(started, 1e-9))
-            tmp = out / (shard_name(k) + ".tmp")
-            with open(tmp, "wb") as handle:  # np.save would append .npy to the temporary name
-                np.save(handle, np.concatenate(tokens))
-            os.replace(tmp, out / shard_name(k))
+            _write_npy(out / shard_name(k), np.concatenate(tokens))
     return out
 
 

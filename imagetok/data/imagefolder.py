@@ -62,6 +62,22 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def folder_classes(directory: Path) -> tuple[list[int], list[str]] | None:
+    """Class labels of the files :func:`list_images` lists, in that order: the class of a file is its
+    first subdirectory under ``directory`` (``root/train/<class>/.../x.jpg``, ImageNet's layout), ids
+    ``0..C-1`` in sorted class-name order. None when any image lies directly in ``directory`` (no classes).
+
+    A lookup beside the datasets, which yield images only: ``tokenize_dataset`` uses it to write labels
+    next to the token shards. An unreadable file that :class:`ImageFiles` replaces by the next readable
+    one keeps the label of the file it replaces."""
+    relative = [p.relative_to(directory).parts for p in list_images(directory)]
+    if not relative or any(len(parts) < 2 for parts in relative):
+        return None
+    names = sorted({parts[0] for parts in relative})
+    ids = {name: i for i, name in enumerate(names)}
+    return [ids[parts[0]] for parts in relative], names
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Training: one random resized crop per image per epoch. Validation: the centre square of each image.
 

@@ -63,7 +63,6 @@ def make_step_timer(args):
 
         # --- profiling: module hooks and wrapped methods of this process's training module -------------
         def _start_profiler(self, pl_module) -> None:
-            import torch
             from torch.profiler import ProfilerActivity, profile
 
             self._instrument(pl_module)

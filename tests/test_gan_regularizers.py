@@ -16,7 +16,6 @@ from imagetok.losses.regularizers import LeCAM, r1_penalty
 from imagetok.losses.repa import DecoderAlignment
 from imagetok.losses.vqgan import VQGANLoss
 from imagetok.nets.foundation import FrozenBackbone
-from imagetok.quantizers.base import QuantizerOutput
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 

@@ -315,6 +315,10 @@ def test_the_command_line_writes_its_reports_with_gfid_and_resumes(tokenized_fol
                                                  "gap_bits_per_position"))
     assert math.isfinite(metrics["gfid"]["gfid"]) and metrics["gfid"]["num_reference"] == 8
     assert "gFID" in (run / "summary.md").read_text()
+    language = metrics["token_language"]  # of the training tokens: one entry per sub-codebook
+    assert len(language) == 1 and language[0]["layout"] == "grid" and language[0]["images"] == 8
+    assert 0 <= language[0]["conditional_entropy_left_up_bits"] < language[0]["raw_bits_per_token"]
+    assert "sub-codebook 0 predictability" in (run / "summary.md").read_text()
     assert Image.open(run / "samples.png").size[0] > 4 * 32  # 4 samples, enlarged tiles
     # a killed or finished probe continues from its last checkpoint
     _run_cli(monkeypatch, [*common, "trainer.max_steps=6", "resume=last"])
@@ -337,7 +341,7 @@ def _error_of(monkeypatch, capsys, args: list[str]) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing dir", "empty dir", "no index.json", "other tokenizer", "bad option",
-                                  "tokenizer does not load"])
+                                  "bad statistics cap", "tokenizer does not load"])
 def test_bad_input_is_one_line_and_exit_code_2(shards, tmp_path, monkeypatch, capsys, case):
     train, val, extra = str(shards["train"]), str(shards["val"]), []
     if case == "missing dir":
@@ -356,6 +360,8 @@ def test_bad_input_is_one_line_and_exit_code_2(shards, tmp_path, monkeypatch, ca
         val, expected = str(other), "tokenizer_sha256 differ"
     elif case == "bad option":
         extra, expected = ["probe.subtokens=foo"], "probe.subtokens='foo' is invalid"
+    elif case == "bad statistics cap":
+        extra, expected = ["token_language_max_images=-1"], "token_language_max_images=-1 is invalid"
     else:
         moved = shutil.copytree(shards["train"], tmp_path / "moved")
         index = json.loads((moved / INDEX_NAME).read_text())

@@ -272,3 +272,20 @@ def shard_language_statistics(directory: str | Path, max_images: int | None = DE
     else:
         indices = torch.stack([shards[i] for i in range(max_images)])
     return language_statistics(indices, shards.index["codebook_sizes"], **options)
+
+
+def token_language_rows(k: int, s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Summary rows of sub-codebook ``k``'s token-language statistics ``s`` (in-sample plug-in estimates,
+    low for conditional entropies and high for MI when the contexts seen approach the tokens counted)."""
+    context = (f"H(x given left, up) {s['conditional_entropy_left_up_bits']:.3f} ({s['left_up_contexts']} contexts), "
+               if s["layout"] == "grid" else "")
+    mi = f"{s['mutual_information_bits'][0]:.4f}" if s["mutual_information_bits"] else "n/a"
+    return [(f"sub-codebook {k} predictability ({s['images']} images, {s['tokens']} tokens, in-sample)",
+             f"{context}H(x given left) {s['conditional_entropy_left_bits']:.3f} bits, "
+             f"bigram perplexity {s['bigram_perplexity']:.1f} (held-out half {s['split_half_bigram_perplexity']:.1f}), "
+             f"MI at distance 1 {mi} bits, "
+             f"Heaps beta {s['heaps_beta']:.3f}"),
+            (f"sub-codebook {k} compression (bits/token)",
+             f"zlib {s['zlib_bits_per_token']:.3f}, lzma {s['lzma_bits_per_token']:.3f} vs unigram entropy "
+             f"{s['unigram_entropy_bits']:.3f}, bigram {s['bigram_entropy_bits']:.3f}, "
+             f"raw {s['raw_bits_per_token']:.0f}")]

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from imagetok.evaluation.token_language import token_language_rows
+
 
 def plot_loss_curve(curve: dict[str, list[list[float]]], unigram_nats: float | None, path: str | Path) -> None:
     """Training and validation NLL (nats per position) against the step, with the unigram entropy of
@@ -32,6 +34,8 @@ def plot_loss_curve(curve: dict[str, list[list[float]]], unigram_nats: float | N
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return "n/a" if value is None else str(value)
@@ -39,7 +43,7 @@ def _fmt(value: Any) -> str:
 
 def write_summary(metrics: dict[str, Any], path: str | Path) -> None:
     """``summary.md``: what was probed, and the held-out figures as a Markdown table."""
-    final, layout = metrics["final"], metrics["layout"]
+    final = metrics["final"]
     rows = [("validation NLL, nats per position", final["nll_nats_per_position"]),
             ("validation bits per position (summed over K sub-tokens)", final["bits_per_position"]),
             ("validation bits per sub-token", final["bits_per_subtoken"]),
@@ -48,6 +52,8 @@ def write_summary(metrics: dict[str, Any], path: str | Path) -> None:
             ("gap: unigram - validation, bits per position (> 0: structure found)", final["gap_bits_per_position"]),
             ("gap, bits per sub-token", final["gap_bits_per_subtoken"]),
             ("gFID", (metrics.get("gfid") or {}).get("gfid"))]
+    for k, stats in enumerate(metrics.get("token_language", [])):  # of the training tokens, in-sample
+        rows.extend(token_language_rows(k, stats))
     lines = ["# AR probe", "",
              f"Tokens: `{metrics['tokens']}` (validation `{metrics['val_tokens']}`), tokenizer sha256 "
              f"`{metrics['tokenizer_sha256'][:16]}`; layout {metrics['layout_description']}; "

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from imagetok.data.token_shards import TokenShardDataModule
+from imagetok.evaluation.token_language import shard_language_statistics
 from imagetok.errors import CheckpointError, ConfigValueError, check
 from imagetok.probe.gpt import SUBTOKEN_MODES
 from imagetok.probe.layout import TokenLayout
@@ -55,6 +56,9 @@ def validate_probe_config(cfg: DictConfig) -> None:
     check(precision in SUPPORTED_PRECISIONS, "trainer.precision", precision, f"one of {SUPPORTED_PRECISIONS}")
     check(isinstance(s.temperature, (int, float)) and s.temperature > 0, "sample.temperature", s.temperature, "a float > 0")
     check(isinstance(s.top_k, int) and s.top_k >= 0, "sample.top_k", s.top_k, "an integer >= 0 (0: no top-k cut)")
+    language = cfg.get("token_language_max_images", 0)
+    check(language is None or (isinstance(language, int) and not isinstance(language, bool) and language >= 0),
+          "token_language_max_images", language, "null (every image), 0 (off) or an integer > 0")
     check(isinstance(s.num_samples, int) and s.num_samples >= 0, "sample.num_samples", s.num_samples, "an integer >= 0")
     check(isinstance(s.batch_size, int) and s.batch_size >= 1, "sample.batch_size", s.batch_size, "an integer >= 1")
     check(f.enabled in ("auto", True, False), "fid.enabled", f.enabled,
@@ -186,6 +190,8 @@ def report(cfg: DictConfig, run_dir: Path, module: ProbeModule, datamodule: Toke
            layout: TokenLayout, parameters: int, train_seconds: float, conditioning: str) -> dict[str, Any]:
     """Rank 0, after training: figures, samples, gFID and the files (see the module docstring)."""
     unigram = unigram_statistics(datamodule.train)
+    language_cap = cfg.get("token_language_max_images", 0)
+    language = [] if language_cap == 0 else shard_language_statistics(datamodule.train.directory, language_cap)
     final = probe_metrics(module.last_validation["nll_nats_per_subcodebook"], layout.positions, layout.image_size,
                           [u["entropy_bits"] for u in unigram])
     device = module.device
@@ -207,7 +213,7 @@ def report(cfg: DictConfig, run_dir: Path, module: ProbeModule, datamodule: Toke
                     curve_path)
     metrics = {
         "final": final, "validation": [{"step": int(s), "nll_nats_per_position": v} for s, v in module.curve["val"]],
-        "unigram": unigram, "layout": layout.to_dict(), "layout_description": layout.describe(),
+        "unigram": unigram, "token_language": language, "layout": layout.to_dict(), "layout_description": layout.describe(),
         "subtokens": cfg.probe.subtokens, "conditioning": conditioning, "num_classes": module.num_classes,
         "steps": module.trainer.global_step, "train_seconds": train_seconds, "parameters": parameters,
         "train_images": len(datamodule.train), "val_images": len(datamodule.val),

@@ -139,8 +139,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     split = f"{data_cfg._target_} validation split, {seen} images, {cfg.data.image_size}px"
     results["protocol"] = {"checkpoint": str(cfg.checkpoint), "weights": e.weights,
-                           **evaluation_protocol(e, split, e.crop_policy, networks, run.fid_reference,
-                                                 bool(prefixes), cfg.seed),
+                           **evaluation_protocol(e, split, datamodule.val_crop_name, networks, run.fid_reference,
+                                                 bool(prefixes), cfg.seed, image_size=datamodule.image_size),
                            "world_size": world}
     if rank != 0:
         return results
@@ -177,6 +177,7 @@ def summary_table(results: dict[str, Any]) -> str:
     for k, value in results.get("psnr_vs_tokens", {}).items():
         rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f}"))
     rows.append(("weights", p["weights"]))
+    rows.append(("crop", f"{p['crop']}, {p['image_size']} px"))
     if p["inception"]:
         rows.append(("FID reference", p["fid_reference"]))
         rows.append(("Inception", f"{p['inception']['weights']}, layer {p['inception']['layer']}"))

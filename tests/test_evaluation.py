@@ -220,6 +220,7 @@ def test_evaluate_writes_metrics_with_protocol_and_pictures(checkpoint, tmp_path
     assert saved["num_images"] == 24 and saved["fid"] >= 0 and 0 < saved["ssim"] <= 1 and saved["lpips"] > 0
     assert saved["protocol"]["inception"]["layer"] == "64" and saved["protocol"]["versions"]["torch-fidelity"]
     assert saved["protocol"]["crop"] == "random_resized" and saved["protocol"]["image_size"] == 32
+    assert saved["tokens_per_image"] == 64 and saved["bits_per_pixel"] == 0.625  # 8x8 tokens of 1024 codes, 32 px
     assert "| rFID |" in (out / "summary.md").read_text()
     assert "| crop | random_resized, 32 px |" in (out / "summary.md").read_text()
     assert Image.open(out / "codebook_usage.png").size[0] > 0

@@ -219,7 +219,10 @@ def test_evaluate_writes_metrics_with_protocol_and_pictures(checkpoint, tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_images"] == 24 and saved["fid"] >= 0 and 0 < saved["ssim"] <= 1 and saved["lpips"] > 0
     assert saved["protocol"]["inception"]["layer"] == "64" and saved["protocol"]["versions"]["torch-fidelity"]
+    assert saved["protocol"]["crop"] == "random_resized" and saved["protocol"]["image_size"] == 32
+    assert saved["tokens_per_image"] == 64 and saved["bits_per_pixel"] == 0.625  # 8x8 tokens of 1024 codes, 32 px
     assert "| rFID |" in (out / "summary.md").read_text()
+    assert "| crop | random_resized, 32 px |" in (out / "summary.md").read_text()
     assert Image.open(out / "codebook_usage.png").size[0] > 0
 
     # PSNR equals torchmetrics on the same uint8-rounded images; usage equals the distinct codes of encode()
@@ -261,6 +264,34 @@ def test_evaluate_writes_metrics_with_protocol_and_pictures(checkpoint, tmp_path
                                    "eval.metrics=[fid]"]), tmp_path / "eval2")
     assert again["fid"] == pytest.approx(results["fid"], rel=1e-9, abs=1e-12)
     assert "token_language" not in again and again["protocol"]["token_language"] is None  # no `tokens` asked
+
+
+def test_evaluate_records_the_crop_that_made_its_numbers(checkpoint, tmp_path):
+    """data.val_crop=adm: the images are guided-diffusion's crops, and metrics.json and summary.md say so."""
+    from imagetok.data.imagefolder import read_image
+    from imagetok.data.transforms import adm_center_crop, to_model_range
+
+    for i, size in enumerate([(75, 41), (40, 90), (33, 33)]):
+        (tmp_path / "tree" / "train").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tree" / "val").mkdir(exist_ok=True)
+        array = np.random.default_rng(i).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(tmp_path / "tree" / "val" / f"{i}.png")
+    Image.fromarray(array).save(tmp_path / "tree" / "train" / "0.png")
+    data = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=32", "data.num_workers=0"]
+    results = evaluate(_eval_config([f"checkpoint={checkpoint}", *data, "data.val_crop=adm", "eval.metrics=[psnr]"]),
+                       tmp_path / "eval")
+    protocol = json.loads((tmp_path / "eval" / "metrics.json").read_text())["protocol"]
+    assert protocol["crop"] == "adm" and protocol["image_size"] == 32 and "center_crop_arr" in protocol["crop_description"]
+    assert "| crop | adm, 32 px |" in (tmp_path / "eval" / "summary.md").read_text()
+    tok = Tokenizer.from_checkpoint(checkpoint)
+    images = torch.stack([to_model_range(adm_center_crop(read_image(tmp_path / "tree" / "val" / f"{i}.png"), 32))
+                          for i in range(3)])
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
+    with torch.no_grad():
+        psnr.update(Tokenizer.to_uint8(tok(images)[0]).float() / 255, Tokenizer.to_uint8(images).float() / 255)
+    assert results["psnr"] == pytest.approx(float(psnr.compute()), abs=1e-6)  # of the adm crops
 
 
 def test_evaluate_refuses_bad_values(checkpoint, tmp_path):

@@ -155,6 +155,16 @@ def test_export_cli_writes_card_and_serving_programs(run_dir, tmp_path):
         export(_compose("export", [f"checkpoint={tmp_path / 'nope.ckpt'}", f"out={tmp_path / 'x'}"]))
 
 
+def test_from_auto_exports_a_training_checkpoint_as_from_null_does(run_dir, tmp_path, caplog):
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    plain = export(_compose("export", [f"checkpoint={checkpoint}", f"out={tmp_path / 'plain'}"]))
+    with caplog.at_level("INFO", logger="imagetok"):
+        auto = export(_compose("export", ["from=auto", f"checkpoint={checkpoint}", f"out={tmp_path / 'auto'}"]))
+    assert f"from=auto: {checkpoint} is a checkpoint in the imagetok format" in caplog.text
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (auto / name).read_bytes() == (plain / name).read_bytes(), name
+
+
 def test_evaluate_reads_a_save_pretrained_directory(run_dir, tmp_path):
     from imagetok.evaluation.run import evaluate
 

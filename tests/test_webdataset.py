@@ -28,7 +28,7 @@ import imagetok.data.webdataset as webdataset_module
 from conftest import ROOT
 from imagetok.data.corrupt import CorruptDataError, CorruptSampleGuard
 from imagetok.data.imagefolder import ImageFolderDataModule, read_image
-from imagetok.data.transforms import center_square, make_crop, to_model_range
+from imagetok.data.transforms import adm_center_crop, center_square, make_crop, to_model_range
 from imagetok.data.webdataset import ShardImages, WebDataModule, expand_shard_urls
 from imagetok.errors import ConfigValueError
 from test_train_variants import TINY
@@ -352,6 +352,11 @@ def test_center_and_random_resized_crops_match_the_imagefolder_ones(tmp_path):
     assert not torch.equal(first, expected) and not torch.equal(first, second)  # new crops each epoch
     validation = _module(urls, crop="random_resized", epoch_length=4).val_dataloader()
     assert torch.equal(next(iter(validation)), expected)  # validation is centre crops, whatever the training crop
+    # data.val_crop=adm: guided-diffusion's crop, as the imagefolder datamodule cuts it
+    adm = torch.stack([to_model_range(adm_center_crop(read_image(tree / f"{i}.png"), 16)) for i in range(4)])
+    validation = _module(urls, val_crop="adm", epoch_length=4)
+    assert validation.val_crop_name == "adm" and torch.equal(next(iter(validation.val_dataloader())), adm)
+    assert not torch.equal(adm, expected)
 
 
 def _shard_with_corrupt_images(path) -> None:

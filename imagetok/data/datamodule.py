@@ -125,7 +125,11 @@ class ResumableDataLoader(DataLoader):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Shared loader settings; subclasses provide :meth:`train_dataset` and :meth:`val_dataset`."""
+    """Shared loader settings; subclasses provide :meth:`train_dataset` and :meth:`val_dataset`, and
+    name their validation crop in ``val_crop_name`` (a key of ``transforms.CROP_DESCRIPTIONS``), which
+    ``evaluate.py`` records with its numbers."""
+
+    val_crop_name: str | None = None  # None: not said (recorded as such)
 
     def __init__(self, *, image_size: int, batch_size: int, num_workers: int = 0, val_batch_size: int | None = None) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imagetok.data.corrupt import CorruptSampleGuard, ImageLoadError
 from imagetok.data.datamodule import CropDataset, ImageDataModule
-from imagetok.data.transforms import make_crop
+from imagetok.data.transforms import make_crop, validation_crop_name
 from imagetok.errors import ConfigValueError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -79,24 +79,28 @@ def folder_classes(directory: Path) -> tuple[list[int], list[str]] | None:
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Training: one random resized crop per image per epoch. Validation: the centre square of each image.
+    """Training: one random resized crop per image per epoch. Validation: one fixed crop of each image.
 
     Args:
         root: directory holding ``train/`` and ``val/`` subdirectories of images (any nesting).
         crop: training crop, ``random_resized`` (``scale``: crop side as a fraction of the shorter image
-            side; ``flip``) or ``center``; the same crops as the webdataset datamodule.
+            side; ``flip``), ``center`` or ``adm``; the same crops as the webdataset datamodule.
+        val_crop: validation and evaluation crop, ``center`` (the largest centred square, resized) or
+            ``adm`` (guided-diffusion's ``center_crop_arr``, the crop behind LlamaGen's and GigaTok's
+            ImageNet numbers; see :func:`~imagetok.data.transforms.adm_center_crop`).
         max_corrupt_fraction / corrupt_min_seen: unreadable files are skipped until this fraction
             (see :class:`~imagetok.data.corrupt.CorruptSampleGuard`).
     """
 
     def __init__(self, *, root: str, image_size: int = 256, batch_size: int = 8, num_workers: int = 4,
                  val_batch_size: int | None = None, crop: str = "random_resized", scale: Sequence[float] = (0.5, 1.0),
-                 flip: bool = True, max_corrupt_fraction: float = 0.01, corrupt_min_seen: int = 100,
-                 seed: int = 0) -> None:
+                 flip: bool = True, val_crop: str = "center", max_corrupt_fraction: float = 0.01,
+                 corrupt_min_seen: int = 100, seed: int = 0) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_batch_size=val_batch_size)
         self.train_crop = make_crop(crop, image_size, scale, flip)
-        self.val_crop = make_crop("center", image_size)
+        self.val_crop_name = validation_crop_name(val_crop)
+        self.val_crop = make_crop(val_crop, image_size, key="val_crop")
         CorruptSampleGuard(max_corrupt_fraction, corrupt_min_seen)  # checks both values now, before training
         self.max_corrupt_fraction, self.corrupt_min_seen = max_corrupt_fraction, corrupt_min_seen
         self.root = Path(str(root)).expanduser()

@@ -35,7 +35,7 @@ def load_photo(name: str) -> torch.Tensor:
 
 
 class SampleDataModule(ImageDataModule):
-    """Random crops of scikit-image photographs.
+    """Random crops of scikit-image photographs (for validation too: fixed ones, of other photographs).
 
     Args:
         train_photos / val_photos: names of ``skimage.data`` photographs (disjoint).
@@ -49,6 +49,7 @@ class SampleDataModule(ImageDataModule):
                  scale: Sequence[float] = (0.15, 0.6), seed: int = 0) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_batch_size=val_batch_size)
+        self.val_crop_name = "random_resized"
         import skimage.data
 
         for key, names in (("train_photos", train_photos), ("val_photos", val_photos)):

@@ -1,17 +1,27 @@
 """Crops for training and evaluation, on uint8 ``[3, H, W]`` tensors; :func:`to_model_range` is the one
-place where pixels become the model's float [-1, 1]."""
+place where pixels become the model's float [-1, 1]. :data:`CROP_DESCRIPTIONS` says what each does, in the
+words ``evaluate.py`` records with its numbers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imagetok.errors import check
 
-CROPS = ("random_resized", "center")
+CROPS = ("random_resized", "center", "adm")
+CROP_DESCRIPTIONS = {
+    "random_resized": "a random square (its side a fraction of the shorter image side), resized to the image size "
+                      "(bilinear, antialiased); at evaluation fixed per image index",
+    "center": "the largest centred square, resized to the image size (bilinear, antialiased)",
+    "adm": "guided-diffusion's center_crop_arr (ADM, Dhariwal & Nichol 2021; LlamaGen's and GigaTok's ImageNet "
+           "validation crop): halve with PIL BOX while the shorter side >= 2x the size, PIL BICUBIC to the "
+           "shorter side = size, centre crop",
+}
 
 
 def to_model_range(image: torch.Tensor) -> torch.Tensor:
@@ -51,13 +61,48 @@ def center_square(image: torch.Tensor, size: int, generator: torch.Generator | N
     return _resize(image[:, top : top + side, left : left + side], size)
 
 
+def adm_center_crop(image: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The evaluation crop of guided-diffusion (``center_crop_arr`` in ``guided_diffusion/image_datasets.py``;
+    Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis", 2021), with which LlamaGen and
+    GigaTok cut ImageNet validation images (and write the reference statistics) for ADM's FID evaluator.
+    uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]``; ``generator`` is unused (every crop is called alike).
+
+    On a PIL image, as published: while the shorter side is at least ``2 * size``, halve both sides
+    (``(w // 2, h // 2)``, ``Image.BOX``); then resize both sides by ``scale = size / shorter side`` to
+    ``round(side * scale)`` (``Image.BICUBIC``); then cut the centre square, top ``(H - size) // 2``,
+    left ``(W - size) // 2``. The halving first is why it differs from a single antialiased resize:
+    box filtering by powers of two, then bicubic over less than a factor of two."""
+    from PIL import Image
+
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    while min(pil.size) >= 2 * size:
+        pil = pil.resize((pil.width // 2, pil.height // 2), resample=Image.BOX)
+    scale = size / min(pil.size)
+    pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), resample=Image.BICUBIC)
+    array = np.asarray(pil)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return torch.from_numpy(array[top : top + size, left : left + size].copy()).permute(2, 0, 1).contiguous()
+
+
+VALIDATION_CROPS = ("center", "adm")  # deterministic: the same pixels at every validation and evaluation
+
+
+def validation_crop_name(kind: str) -> str:
+    """``kind`` if it is one of :data:`VALIDATION_CROPS`, else a :class:`ConfigValueError` for ``val_crop``."""
+    check(kind in VALIDATION_CROPS, "val_crop", kind, f"one of {list(VALIDATION_CROPS)}")
+    return kind
+
+
 def make_crop(kind: str, size: int, scale: Sequence[float] = (0.5, 1.0), flip: bool = True,
               key: str = "crop") -> Callable[..., torch.Tensor]:
     """The crop named by a data config: ``crop(image, generator=...) -> uint8 [3, size, size]``, picklable
     (DataLoader workers get a copy). ``random_resized``: :func:`random_resized_square` with ``scale``
-    and ``flip``; ``center``: :func:`center_square`. The ImageFolder and webdataset datamodules share it."""
+    and ``flip``; ``center``: :func:`center_square`; ``adm``: :func:`adm_center_crop`. The ImageFolder and
+    webdataset datamodules share it (``key``: the config key named in an error)."""
     check(kind in CROPS, key, kind, f"one of {list(CROPS)}")
     check(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "scale", list(scale), "[lo, hi] with 0 < lo <= hi <= 1")
     if kind == "center":
         return partial(center_square, size=size)
+    if kind == "adm":
+        return partial(adm_center_crop, size=size)
     return partial(random_resized_square, size=size, scale=(float(scale[0]), float(scale[1])), flip=bool(flip))

@@ -24,7 +24,7 @@ from webdataset.shardlists import expand_urls
 
 from imagetok.data.corrupt import CorruptSampleGuard
 from imagetok.data.datamodule import ImageDataModule, batches_to_skip
-from imagetok.data.transforms import make_crop, to_model_range
+from imagetok.data.transforms import make_crop, to_model_range, validation_crop_name
 from imagetok.errors import ConfigValueError, check
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ class WebDataModule(ImageDataModule):
         epoch_length: training samples per rank per epoch; every rank runs ``epoch_length // batch_size``
             batches, so DDP ranks never wait on each other at the end of an epoch.
         shuffle_buffer: samples held by the shuffle buffer in each worker (0: no shuffling).
-        crop: ``random_resized`` (``scale``, ``flip``) or ``center`` for training; validation is centre crops.
+        crop: ``random_resized`` (``scale``, ``flip``), ``center`` or ``adm`` for training.
+        val_crop: ``center`` or ``adm`` (guided-diffusion's ``center_crop_arr``) for validation and evaluation.
         max_corrupt_fraction / corrupt_min_seen: see :class:`~imagetok.data.corrupt.CorruptSampleGuard`.
     """
 
@@ -208,8 +209,8 @@ class WebDataModule(ImageDataModule):
                  batch_size: int = 8, num_workers: int = 4, val_batch_size: int | None = None,
                  resampled: bool = True, epoch_length: int = 100_000, shuffle_buffer: int = 1000,
                  split_by_node: bool = True, split_by_worker: bool = True, crop: str = "random_resized",
-                 scale: Sequence[float] = (0.5, 1.0), flip: bool = True, max_corrupt_fraction: float = 0.01,
-                 corrupt_min_seen: int = 100, seed: int = 0) -> None:
+                 scale: Sequence[float] = (0.5, 1.0), flip: bool = True, val_crop: str = "center",
+                 max_corrupt_fraction: float = 0.01, corrupt_min_seen: int = 100, seed: int = 0) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          val_batch_size=val_batch_size)
         self.urls, self.val_urls = expand_shard_urls(urls, "urls"), expand_shard_urls(val_urls, "val_urls")
@@ -218,7 +219,8 @@ class WebDataModule(ImageDataModule):
         check(isinstance(shuffle_buffer, int) and shuffle_buffer >= 0, "shuffle_buffer", shuffle_buffer,
               "an integer >= 0")
         self.train_crop = make_crop(crop, image_size, scale, flip)
-        self.val_crop = make_crop("center", image_size)
+        self.val_crop_name = validation_crop_name(val_crop)
+        self.val_crop = make_crop(val_crop, image_size, key="val_crop")
         CorruptSampleGuard(max_corrupt_fraction, corrupt_min_seen)  # checks both values now, before training
         self.resampled, self.epoch_length, self.shuffle_buffer = resampled, epoch_length, shuffle_buffer
         self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
@@ -256,7 +258,7 @@ class WebDataModule(ImageDataModule):
                            batch_size=self.batch_size, repeat=None, seed=self.seed)
 
     def val_dataset(self) -> ShardImages:
-        """Each validation image once over all ranks, centre-cropped, in shard order (unbatched)."""
+        """Each validation image once over all ranks, cut by ``val_crop``, in shard order (unbatched)."""
         rank, world = self._rank_and_world()
         self.preflight(world)
         return ShardImages(self.val_urls, crop=self.val_crop, rank=rank, world=world, guard=self._guard())

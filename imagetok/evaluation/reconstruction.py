@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm import tqdm
 
+from imagetok.data.transforms import CROP_DESCRIPTIONS
 from imagetok.errors import ConfigValueError
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference
@@ -224,13 +225,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def evaluation_protocol(e: DictConfig, split: str, crop: str, networks: MetricNetworks, fid_reference: str | None,
-                        prefix_psnr: bool, seed: int) -> dict[str, Any]:
+def evaluation_protocol(e: DictConfig, split: str, crop: str | None, networks: MetricNetworks, fid_reference: str | None,
+                        prefix_psnr: bool, seed: int, image_size: int | None = None) -> dict[str, Any]:
     """The protocol behind the numbers, as recorded in ``metrics.json`` (``split``: which images,
-    ``crop``: how they were cut)."""
+    ``crop``: the name of the crop that cut them, a key of ``CROP_DESCRIPTIONS``, at ``image_size``)."""
     inception = networks.inception
     return {
         "round_to_uint8": bool(e.round_to_uint8), "evaluation_split": split, "crop": crop,
+        "crop_description": CROP_DESCRIPTIONS.get(crop), "image_size": image_size,
         "fid_reference": fid_reference if inception is not None else None,
         "inception": ({"weights": inception.weights_identity, "layer": inception.feature_layer,
                        "resize": "to 299x299 with TF1-compatible bilinear interpolation (torch-fidelity)"}

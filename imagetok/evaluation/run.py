@@ -19,6 +19,8 @@ from torchvision.utils import save_image
 
 from imagetok.data.inference import InferenceImages
 from imagetok.errors import ConfigValueError, check
+from imagetok.evaluation.bitrate import DEFINITION as BITS_PER_PIXEL
+from imagetok.evaluation.bitrate import bits_per_pixel_of_prefixes, token_bitrate
 from imagetok.evaluation.fid import save_reference
 from imagetok.evaluation.plots import plot_psnr_vs_tokens, plot_rank_frequency, plot_usage_histograms
 from imagetok.evaluation.reconstruction import build_metric_networks, evaluate_tokenizer, evaluation_protocol
@@ -104,7 +106,9 @@ def prefix_lengths(tokenizer: Tokenizer, num_tokens: Any) -> list[int]:
 def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on the ``cfg.data`` validation split; writes ``metrics.json``,
     ``summary.md``, ``reconstructions.png``, ``codebook_usage.png`` and ``token_rank_frequency.png``
-    under ``run_dir`` and returns the metrics dict."""
+    under ``run_dir`` and returns the metrics dict: ``num_images``, the token rate (``tokens_per_image``,
+    ``sub_tokens_per_token``, ``bits_per_pixel``; see :mod:`imagetok.evaluation.bitrate`), every metric
+    asked for, ``bits_per_pixel_vs_tokens`` next to ``psnr_vs_tokens``, and ``protocol``."""
     from imagetok.training.run import instantiate_part  # the same config-error handling as training
 
     e = cfg.eval
@@ -129,7 +133,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                              desc=f"evaluate (rank {rank}/{world})" if world > 1 else "evaluate",
                              show_progress=rank == 0, data_target=data_cfg._target_)
     seen = run.metrics["num_images"]
-    results = dict(run.metrics)
+    size = datamodule.image_size
+    results = {"num_images": seen, **token_bitrate(tokenizer.token_shape(size), tokenizer.codebook_sizes, size),
+               **run.metrics}
+    if prefixes:
+        results["bits_per_pixel_vs_tokens"] = bits_per_pixel_of_prefixes(prefixes, tokenizer.codebook_sizes, size)
     if "fid" in results and e.save_reference and rank == 0:
         mu_real, sigma_real = run.real_statistics.mean_and_covariance()
         save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
@@ -140,9 +148,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     split = f"{data_cfg._target_} validation split, {seen} images, {cfg.data.image_size}px"
     results["protocol"] = {"checkpoint": str(cfg.checkpoint), "weights": e.weights,
-                           **evaluation_protocol(e, split, e.crop_policy, networks, run.fid_reference,
-                                                 bool(prefixes), cfg.seed),
-                           "world_size": world}
+                           **evaluation_protocol(e, split, datamodule.val_crop_name, networks, run.fid_reference,
+                                                 bool(prefixes), cfg.seed, image_size=size),
+                           "bits_per_pixel": BITS_PER_PIXEL, "world_size": world}
     if rank != 0:
         return results
     per_codebook, token_stats = run.per_codebook, run.token_stats
@@ -163,7 +171,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def summary_table(results: dict[str, Any]) -> str:
     """A Markdown table of the headline numbers and the protocol essentials."""
     p = results["protocol"]
-    rows = [("images", str(results["num_images"]))]
+    rows = [("images", str(results["num_images"])),
+            ("tokens per image", f"{results['tokens_per_image']} x {results['sub_tokens_per_token']} sub-token"
+                                 f"{'s' if results['sub_tokens_per_token'] > 1 else ''}"),
+            ("bits per pixel", f"{results['bits_per_pixel']:.4f}")]
     for key, label, fmt in (("fid", "rFID", "{:.3f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
                             ("lpips", "LPIPS", "{:.4f}")):
         if key in results:
@@ -176,8 +187,9 @@ def summary_table(results: dict[str, Any]) -> str:
     for k, s in enumerate(results.get("token_language", [])):
         rows.extend(token_language_rows(k, s))
     for k, value in results.get("psnr_vs_tokens", {}).items():
-        rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f}"))
+        rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f} at {results['bits_per_pixel_vs_tokens'][k]:.4f} bpp"))
     rows.append(("weights", p["weights"]))
+    rows.append(("crop", f"{p['crop']}, {p['image_size']} px"))
     if p["inception"]:
         rows.append(("FID reference", p["fid_reference"]))
         rows.append(("Inception", f"{p['inception']['weights']}, layer {p['inception']['layer']}"))

@@ -16,6 +16,17 @@ from imagetok.tokenizer import Tokenizer
 _PREFIX = {"ema": "ema.module.", "raw": "tokenizer."}
 
 
+# How torch.load fails on a file it cannot read: a truncated zip is a RuntimeError, a text file a
+# KeyError or UnpicklingError.
+UNREADABLE = (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(path: Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a file ``torch.load`` failed on with ``err`` (one of :data:`UNREADABLE`)."""
+    reason = str(err).split(". ")[0].strip() if isinstance(err, RuntimeError) else f"unpickling failed ({type(err).__name__} {err})"
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a file torch.save wrote): {reason}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a training checkpoint, with every way a file can be
     unreadable (missing, truncated, not a PyTorch file, pickled objects outside the allowlist) raised
@@ -25,11 +36,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        # torch reports a truncated zip as RuntimeError and a text file as KeyError or UnpicklingError.
-        reason = str(err).split(". ")[0].strip() if isinstance(err, RuntimeError) else f"unpickling failed ({type(err).__name__} {err})"
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a file torch.save "
-                              f"wrote): {reason}") from None
+    except UNREADABLE as err:
+        raise unreadable_checkpoint(path, err) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning training checkpoint (no state_dict)")
     return checkpoint

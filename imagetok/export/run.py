@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -17,13 +18,19 @@ from imagetok.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-def export_converted(cfg: DictConfig) -> Path:
-    """``from=llamagen|taming``: another project's checkpoint -> a save_pretrained directory."""
-    from imagetok.export.convert import CONVERTERS, load_original_checkpoint
+def foreign_sources() -> list[str]:
+    """The ``from=`` names of other projects' formats (those with a converter)."""
+    from imagetok.export.converters import FORMATS
 
-    source = cfg["from"]
-    check(source in CONVERTERS, "from", source, f"null (an imagetok training checkpoint) or one of {sorted(CONVERTERS)}")
-    tokenizer = CONVERTERS[source](load_original_checkpoint(cfg.checkpoint))
+    return sorted(name for name, source in FORMATS.items() if source.convert is not None)
+
+
+def export_converted(cfg: DictConfig, source: str, checkpoint: Any) -> Path:
+    """Another project's ``checkpoint`` (loaded from ``cfg.checkpoint``) in format ``source`` -> a
+    save_pretrained directory."""
+    from imagetok.export.converters import convert_checkpoint
+
+    tokenizer = convert_checkpoint(source, checkpoint, Path(cfg.checkpoint))
     card = model_card(tokenizer, {}, None, None, "as published", f"converted from the {source} checkpoint {cfg.checkpoint}")
     out = tokenizer.save_pretrained(cfg.out, extra={"converted_from": source}, card=card)
     log.info("converted %s checkpoint %s to %s", source, cfg.checkpoint, out)
@@ -31,9 +38,23 @@ def export_converted(cfg: DictConfig) -> Path:
 
 
 def export(cfg: DictConfig) -> Path:
+    """``from=null``: an imagetok training checkpoint; ``from=<project>``: that project's checkpoint;
+    ``from=auto``: whichever of these the file is, told apart by its entries' names (one log line says which)."""
     _ = cfg.checkpoint, cfg.out  # a missing required value fails here, in one line, before any work
-    if cfg.get("from"):
-        return export_converted(cfg)
+    source = cfg.get("from")
+    if source:
+        from imagetok.export.converters import FORMATS, detect_format, load_original_checkpoint
+
+        check(source == "auto" or source in foreign_sources(), "from", source,
+              f"null (an imagetok training checkpoint), auto (detect the format) or one of {foreign_sources()}")
+        checkpoint = load_original_checkpoint(cfg.checkpoint)
+        if source == "auto":
+            found = detect_format(checkpoint, Path(cfg.checkpoint))
+            log.info("from=auto: %s is a checkpoint in the %s format", cfg.checkpoint, found.name)
+            source = found.name
+        if FORMATS[source].convert is not None:
+            return export_converted(cfg, source, checkpoint)
+        del checkpoint  # imagetok's own: read again below as a training checkpoint
     check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")
     checkpoint = Path(cfg.checkpoint)
     if not checkpoint.is_file():

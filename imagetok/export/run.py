@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from imagetok.errors import ConfigValueError, check
+from imagetok.errors import CheckpointError, ConfigValueError, check
 from imagetok.export.checkpoint import read_checkpoint
 from imagetok.export.model_card import lpips_used_in_run, model_card, run_metrics
 from imagetok.tokenizer import Tokenizer
@@ -18,12 +18,19 @@ log = logging.getLogger(__name__)
 
 
 def export_converted(cfg: DictConfig) -> Path:
-    """``from=llamagen|taming``: another project's checkpoint -> a save_pretrained directory."""
+    """``from=llamagen|taming|var``: another project's checkpoint -> a save_pretrained directory."""
     from imagetok.export.convert import CONVERTERS, load_original_checkpoint
+    from imagetok.export.var import convert_var
 
+    converters = {**CONVERTERS, "var": convert_var}
     source = cfg["from"]
-    check(source in CONVERTERS, "from", source, f"null (an imagetok training checkpoint) or one of {sorted(CONVERTERS)}")
-    tokenizer = CONVERTERS[source](load_original_checkpoint(cfg.checkpoint))
+    check(source in converters, "from", source, f"null (an imagetok training checkpoint) or one of {sorted(converters)}")
+    try:
+        tokenizer = converters[source](load_original_checkpoint(cfg.checkpoint))
+    except (CheckpointError, ConfigValueError):
+        raise
+    except ValueError as err:  # an unreadable file, or another project's layout: the user's to fix, one line
+        raise CheckpointError(" ".join(str(err).split())) from None
     card = model_card(tokenizer, {}, None, None, "as published", f"converted from the {source} checkpoint {cfg.checkpoint}")
     out = tokenizer.save_pretrained(cfg.out, extra={"converted_from": source}, card=card)
     log.info("converted %s checkpoint %s to %s", source, cfg.checkpoint, out)

@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# name -> VQVAE arguments, image size, batch (VAR's VQVAE fixes ch_mult (1,1,2,2,4) and 2 res blocks)
+PUBLISHED_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+# name -> the VQVAE arguments of each case (VAR fixes ch_mult (1,1,2,2,4), 2 res blocks; image size = 16 x last scale)
 VAR_CONFIGS = {
     # every phi-sharing layout (partial 4, shared 1, one per scale 0) at 64 px, then VAR's 10 scales at 256 px
-    "small": [*(dict(vocab_size=512, z_channels=8, ch=32, share_quant_resi=s, v_patch_nums=(1, 2, 3, 4)) for s in (4, 1, 0)),
-              dict(vocab_size=512, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))],
-    "published": [dict(vocab_size=4096, z_channels=32, ch=160, share_quant_resi=4,
-                       v_patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))],
+    "small": [*({"vocab_size": 512, "z_channels": 8, "ch": 32, "share_quant_resi": s, "v_patch_nums": (1, 2, 3, 4)}
+                for s in (4, 1, 0)),
+              {"vocab_size": 512, "z_channels": 8, "ch": 32, "share_quant_resi": 4, "v_patch_nums": PUBLISHED_SCALES}],
+    "published": [{"vocab_size": 4096, "z_channels": 32, "ch": 160, "share_quant_resi": 4, "v_patch_nums": PUBLISHED_SCALES}],
 }
 
 

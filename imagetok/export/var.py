@@ -9,7 +9,7 @@ VAR releases a bare ``state_dict`` of its ``models/vqvae.py`` ``VQVAE``:
   level and in the middle (``using_sa``, ``using_mid_sa``), GroupNorm 32, eps 1e-6.
 - ``quant_conv`` / ``post_quant_conv``: 3x3 convs (``quant_conv_ks=3``) on the ``Cvae``-channel latents.
 - ``quantize.embedding.weight`` ``[V, Cvae]``: one codebook for all scales, plain l2 nearest code
-  (``using_znorm=False``, VAR's default; the released model was built with it).
+  (``using_znorm=False``: the default, which ``build_vae_var`` keeps for the release).
 - ``quantize.quant_resi.*``: the refinement convs phi, stored as ``qresi_ls.{j}`` (partially shared,
   ``share_quant_resi=n >= 2``; the release has 4), ``{j}`` (one per scale, ``share_quant_resi=0``) or
   ``qresi`` (one for all, ``share_quant_resi=1``). Our ``refiner_of_scale`` reproduces VAR's tick rule

@@ -1,9 +1,12 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ), shared by the converter tests: the real parameter names and shapes, small widths."""
+VQ, FoundationVision VAR's VQVAE), shared by the converter tests: the real parameter names and shapes,
+small widths."""
 
 from __future__ import annotations
 
 import torch
+
+from imagetok import Tokenizer
 
 CH, CH_MULT, BLOCKS, Z, K, DIM = 32, [1, 2], 1, 32, 64, 8
 
@@ -98,3 +101,49 @@ def llamagen_state() -> dict:
             b.conv(f"decoder.conv_blocks.{idx}.upsample.conv", block_in, block_in)
     b.norm("decoder.norm_out", block_in), b.conv("decoder.conv_out", block_in, 3)
     return b.state
+
+
+VAR_CODES, VAR_DIM = 64, 8
+
+
+def var_tokenizer(scales=(1, 2, 4, 8), num_refiners=4, ch_mult=(1, 2), seed=0) -> Tokenizer:
+    """A small VAR-shaped tokenizer: attention at the lowest level and in the middle, 3x3 quant convs."""
+    torch.manual_seed(seed)
+    lowest = 256 // 2 ** (len(ch_mult) - 1)
+    net = {"ch": 16, "ch_mult": list(ch_mult), "num_res_blocks": 1, "attn_resolutions": [lowest], "z_channels": VAR_DIM}
+    tok = Tokenizer.from_config({
+        "encoder": {"_target_": "imagetok.nets.cnn.Encoder", **net},
+        "decoder": {"_target_": "imagetok.nets.cnn.Decoder", **net},
+        "quantizer": {"_target_": "imagetok.quantizers.multiscale.MultiScaleResidualQuantizer", "dim": VAR_DIM,
+                      "codebook_size": VAR_CODES, "scales": list(scales), "num_refiners": num_refiners},
+        "quant_conv_kernel_size": 3,
+    })
+    with torch.no_grad():  # non-trivial norms and codes at the latents' scale, so a wrong mapping shows
+        for name, p in tok.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        tok.quantizer.vq.codebook.normal_(0, 0.3)
+    return tok.eval()
+
+
+def var_state(tok: Tokenizer, phi_layout: str = "qresi_ls") -> dict[str, torch.Tensor]:
+    """``tok``'s weights under VAR's names (the inverse of ``convert_var``'s mapping)."""
+    state, out = tok.state_dict(), {}
+    for key, value in state.items():
+        if key.startswith("quantizer."):
+            continue
+        if ".attn" in key and key.rsplit(".", 2)[-2] in ("k", "v"):
+            continue
+        if ".attn" in key and key.rsplit(".", 2)[-2] == "q":
+            prefix, leaf = key.rsplit(".", 2)[0], key.rsplit(".", 1)[-1]
+            out[f"{prefix}.qkv.{leaf}"] = torch.cat([state[f"{prefix}.{n}.{leaf}"] for n in "qkv"]).clone()
+            continue
+        out[key] = value.clone()
+    out["quantize.embedding.weight"] = state["quantizer.vq.codebook"].clone()
+    out["quantize.ema_vocab_hit_SV"] = torch.zeros(len(tok.quantizer.scales), VAR_CODES)
+    for key, value in state.items():
+        if key.startswith("quantizer.refiners."):
+            j, leaf = key.split(".")[2:]
+            where = {"qresi_ls": f"qresi_ls.{j}", "per_scale": j, "shared": "qresi"}[phi_layout]
+            out[f"quantize.quant_resi.{where}.{leaf}"] = value.clone()
+    return out

@@ -21,7 +21,10 @@ LOOKED_FOR = ("imagetok: {\"state_dict\": ..., \"hyper_parameters\": {\"tokenize
               "llamagen: {\"ema\": ...} or {\"model\": ...} or a bare state dict with quantize.embedding.weight, "
               "encoder.conv_in.weight, encoder.conv_blocks.*, decoder.conv_blocks.*",
               "taming: {\"state_dict\": ...} or a bare state dict with quantize.embedding.weight, encoder.conv_in.weight, "
-              "encoder.down.*, decoder.up.*, without quantize.quant_resi.*")
+              "encoder.down.*, decoder.up.*, without quantize.quant_resi.*, quantize.ema_vocab_hit_SV, "
+              "model_ema.quantizeembeddingweight",
+              "var: {\"state_dict\": ...} or {\"model\": ...} or a bare state dict with quantize.embedding.weight, "
+              "encoder.conv_in.weight, encoder.down.*, and quantize.quant_resi.* or quantize.ema_vocab_hit_SV")
 
 
 def _files(tmp_path: Path) -> dict[str, Path]:

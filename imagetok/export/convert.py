@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from imagetok.errors import check
+from imagetok.errors import CheckpointError, check
 from imagetok.export.pretrained import key_mismatch_report
 from imagetok.tokenizer import Tokenizer
 
@@ -47,7 +47,8 @@ def load_original_checkpoint(path: str | Path) -> dict[str, Any]:
     states by callback class, LlamaGen's training script saves its ``argparse.Namespace``). Those
     classes are replaced by inert placeholders, so their code is never imported or run, and only the
     tensors are used. Globals that torch's safe unpickler blocks outright (``os.system``, ``eval``,
-    ``subprocess``...) still refuse the file."""
+    ``subprocess``...) still refuse the file. An unreadable or unsafe file raises :class:`CheckpointError`
+    (one line on the command line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -56,7 +57,7 @@ def load_original_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError:
         pass
     except Exception as err:  # not a torch file at all
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err})") from None
     foreign: list[str] = []
     try:  # listing the globals needs the zip format (torch >= 1.6), which both projects' files use
         foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -64,7 +65,7 @@ def load_original_checkpoint(path: str | Path) -> dict[str, Any]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         reason = str(err).strip().splitlines()[-3:] if str(err) else [type(err).__name__]
-        raise ValueError(f"{path} cannot be read safely (weights_only=True): {' '.join(r for r in reason if r)}. "
+        raise CheckpointError(f"{path} cannot be read safely (weights_only=True): {' '.join(r for r in reason if r)}. "
                          "If you trust the file, re-save its tensors with torch.save(ckpt['state_dict'] or "
                          "ckpt['model'], 'weights.pt') and convert that") from None
     log.warning("%s: ignored pickled objects of %d foreign class(es) (%s); only its tensors are used",

@@ -17,13 +17,24 @@ from imagetok.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def _convert_magvit2(cfg: DictConfig, checkpoint: dict) -> Tokenizer:
+    """``from=magvit2``: SEED-Voken's Open-MAGVIT2 (LFQ) or IBQ, with ``weights`` and an optional ``config=`` yaml."""
+    from imagetok.export.magvit2 import convert_magvit2, load_seed_voken_config
+
+    config = load_seed_voken_config(cfg.config) if cfg.get("config") else None
+    return convert_magvit2(checkpoint, config, weights=cfg.weights)
+
+
 def export_converted(cfg: DictConfig) -> Path:
-    """``from=llamagen|taming``: another project's checkpoint -> a save_pretrained directory."""
+    """``from=llamagen|taming|magvit2``: another project's checkpoint -> a save_pretrained directory."""
     from imagetok.export.convert import CONVERTERS, load_original_checkpoint
 
     source = cfg["from"]
-    check(source in CONVERTERS, "from", source, f"null (an imagetok training checkpoint) or one of {sorted(CONVERTERS)}")
-    tokenizer = CONVERTERS[source](load_original_checkpoint(cfg.checkpoint))
+    sources = sorted([*CONVERTERS, "magvit2"])
+    check(source in sources, "from", source, f"null (an imagetok training checkpoint) or one of {sources}")
+    check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")
+    checkpoint = load_original_checkpoint(cfg.checkpoint)
+    tokenizer = _convert_magvit2(cfg, checkpoint) if source == "magvit2" else CONVERTERS[source](checkpoint)
     card = model_card(tokenizer, {}, None, None, "as published", f"converted from the {source} checkpoint {cfg.checkpoint}")
     out = tokenizer.save_pretrained(cfg.out, extra={"converted_from": source}, card=card)
     log.info("converted %s checkpoint %s to %s", source, cfg.checkpoint, out)

@@ -132,6 +132,9 @@ def main() -> None:
         ("Open-MAGVIT2 small (ch 32, [1,2,2], 2 blocks, 2^18)", "lfq", _init_args(args.magvit2, LFQ_YAML, "lfq", True), 64, 2, None),
         ("Open-MAGVIT2 small, token_factorization [9, 9]", "lfq",
          _init_args(args.magvit2, LFQ_YAML, "lfq", True, token_factorization=True, factorized_bits=[9, 9]), 64, 2, factorized),
+        ("Open-MAGVIT2 small, token_factorization [6, 12] (the AR configs')", "lfq",
+         _init_args(args.magvit2, LFQ_YAML, "lfq", True, token_factorization=True, factorized_bits=[6, 12]), 64, 2,
+         {"model": {**factorized["model"], "init_args": {"token_factorization": True, "factorized_bits": [6, 12]}}}),
         ("IBQ small (ch 32, [1,2,2], 2 blocks, attention at level 1, 1024 x 32)", "ibq", _init_args(args.magvit2, IBQ_YAML[16384], "ibq", True), 64, 2, None),
     ]
     if not args.fast:

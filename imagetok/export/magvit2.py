@@ -5,7 +5,8 @@
   -> :mod:`imagetok.nets.magvit2`, and its parameter-free LFQ -> ``lfq``. There is no ``quant_conv``:
   ours become identity 1x1 convs. Code bit ``j`` is channel ``j`` (``x_j > 0``), worth ``2^j`` (channel 0
   least significant), as in imagetok's ``lfq``; with ``token_factorization`` the 2^18 index is two
-  sub-tokens ``(channels 0..8, channels 9..17)``, which is imagetok's ``bits_per_token=9``.
+  sub-tokens ``(channels 0..8, channels 9..17)``, imagetok's ``bits_per_token=9`` (``factorized_bits:
+  [6, 12]``, the repo's AR configs: ``bits_per_token=[6, 12]``).
 - **IBQ** (``src/IBQ/models/ibqgan.py``, 2^10..2^18 codes): taming's VQGAN encoder/decoder and
   ``quant_conv``s -> :mod:`imagetok.nets.cnn`, ``quantize.embedding.weight`` -> ``ibq`` with the
   largest inner product ``z.c`` (the argmax of IBQ's softmax), no normalisation.
@@ -140,13 +141,12 @@ def _lfq_config(state: dict[str, torch.Tensor], init: dict[str, Any]) -> dict[st
     _check_config(init, {"ddconfig.ch": encoder["ch"], "ddconfig.ch_mult": encoder["ch_mult"],
                          "ddconfig.num_res_blocks": encoder["num_res_blocks"], "ddconfig.z_channels": bits,
                          "n_embed": 2**bits, "embed_dim": bits})
-    bits_per_token = bits
-    if init.get("token_factorization"):
-        split = list(init.get("factorized_bits") or [9, 9])
-        if sum(split) != bits or len(set(split)) != 1:
-            raise CheckpointError(f"factorized_bits={split} cannot be imagetok sub-tokens of {bits} bits: "
-                                  f"they must be equal parts summing to {bits}")
-        bits_per_token = split[0]
+    bits_per_token: int | list[int] = bits
+    if init.get("token_factorization"):  # sub-token k: the next factorized_bits[k] channels, LSB first
+        split = [int(b) for b in init.get("factorized_bits") or [9, 9]]
+        if sum(split) != bits or len(split) != 2 or min(split) < 1:
+            raise CheckpointError(f"factorized_bits={split} does not split the checkpoint's {bits} bits in two")
+        bits_per_token = split[0] if split[0] == split[1] else split
     return {"encoder": {"_target_": "imagetok.nets.magvit2.Magvit2Encoder", **encoder},
             "decoder": {"_target_": "imagetok.nets.magvit2.Magvit2Decoder", **decoder},
             "quantizer": {"_target_": "imagetok.quantizers.lfq.LookupFreeQuantizer", "dim": bits, "bits": bits,

@@ -1,8 +1,10 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ, FoundationVision VAR's VQVAE), shared by the converter tests: the real parameter names and shapes,
+VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ), shared by the converter tests: the real parameter names and shapes,
 small widths."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -147,3 +149,43 @@ def var_state(tok: Tokenizer, phi_layout: str = "qresi_ls") -> dict[str, torch.T
             where = {"qresi_ls": f"qresi_ls.{j}", "per_scale": j, "shared": "qresi"}[phi_layout]
             out[f"quantize.quant_resi.{where}.{leaf}"] = value.clone()
     return out
+
+
+MAGVIT2_BITS = 6
+MAGVIT2_NETS = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": MAGVIT2_BITS}
+
+
+def _randomize_magvit2(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.1 if p.ndim == 1 else 0.02))
+
+
+def _with_ema(state: dict, seed: int = 5) -> dict:
+    """``state`` plus LitEma shadows of its tokenizer tensors, each a little different from the raw one."""
+    gen = torch.Generator().manual_seed(seed)
+    shadows = {f"model_ema.{k.replace('.', '')}": v + 0.01 * torch.randn(v.shape, generator=gen)
+               for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant", "post_quant"))}
+    return {**state, **shadows, "model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(-1)}
+
+
+@functools.cache  # read-only in the tests: converting never modifies a checkpoint
+def lfq_checkpoint() -> dict:
+    """A Lightning ``{"state_dict": ...}`` in Open-MAGVIT2's layout (``lfqgan.VQModel``: no quant_conv,
+    a parameter-free LFQ, ``decoder.up.i.upsample.conv1``, loss tensors)."""
+    torch.manual_seed(0)
+    source = Tokenizer.from_config({
+        "encoder": {"_target_": "imagetok.nets.magvit2.Magvit2Encoder", **MAGVIT2_NETS},
+        "decoder": {"_target_": "imagetok.nets.magvit2.Magvit2Decoder", **MAGVIT2_NETS},
+        "quantizer": {"_target_": "imagetok.quantizers.lfq.LookupFreeQuantizer", "dim": MAGVIT2_BITS}})
+    _randomize_magvit2(source, 1)
+    state = {k.replace(".upsample.conv.", ".upsample.conv1."): v for k, v in source.state_dict().items()
+             if k.startswith(("encoder.", "decoder."))}
+    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+    return {"state_dict": _with_ema(state), "epoch": 3, "global_step": 100}
+
+
+def ibq_checkpoint(ema: bool = True) -> dict:
+    state = taming_state()  # taming's nets and quant convs, 64 codes of 8 dims
+    return {"state_dict": _with_ema(state) if ema else state}

@@ -84,7 +84,7 @@ class SourceFormat:
     name: str
     looks_for: str
     detect: Callable[..., bool]
-    convert: Callable[..., "Tokenizer"] | None
+    convert: Callable[..., Tokenizer] | None
     options: tuple[str, ...] = ()
 
     def _own(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class SourceFormat:
         """``detect`` with the options this format declares (the others are not its business)."""
         return self.detect(checkpoint, **self._own(options))
 
-    def converted(self, checkpoint: Any, **options: Any) -> "Tokenizer":
+    def converted(self, checkpoint: Any, **options: Any) -> Tokenizer:
         """``convert`` with the options this format declares."""
         assert self.convert is not None, f"{self.name} checkpoints are exported by imagetok.export.run"
         return self.convert(checkpoint, **self._own(options))
@@ -110,7 +110,7 @@ def register(source: SourceFormat) -> SourceFormat:
     return source
 
 
-def register_key_layout(name: str, layout: KeyLayout, convert: Callable[[Any], "Tokenizer"]) -> SourceFormat:
+def register_key_layout(name: str, layout: KeyLayout, convert: Callable[[Any], Tokenizer]) -> SourceFormat:
     """Register a format that is recognised by its tensors' names alone (most are)."""
     return register(SourceFormat(name, layout.describe(), layout.matches, convert))
 
@@ -149,7 +149,7 @@ def detect_format(checkpoint: Any, path: Path, **options: Any) -> SourceFormat:
                           f"{describe_contents(checkpoint)}")
 
 
-def convert_checkpoint(name: str, checkpoint: Any, path: Path, **options: Any) -> "Tokenizer":
+def convert_checkpoint(name: str, checkpoint: Any, path: Path, **options: Any) -> Tokenizer:
     """``checkpoint`` (loaded from ``path``) converted by format ``name``'s converter. A checkpoint in
     another layout is refused naming what ``name`` needs and, when it is in another known format, that one.
     ``options``: export's keys (``config=``, ``weights=``); each format receives those it declares.

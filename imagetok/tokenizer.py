@@ -23,7 +23,8 @@ class Tokenizer(nn.Module):
     """Discrete image tokenizer.
 
     ``quant_conv`` (1x1) maps the encoder's ``z_channels`` to the quantizer's ``dim`` and
-    ``post_quant_conv`` maps the quantizer's ``out_dim`` back to the decoder's ``z_channels``, as in VQGAN.
+    ``post_quant_conv`` maps the quantizer's ``out_dim`` back to the decoder's ``z_channels``, as in VQGAN
+    (VAR's VQVAE uses 3x3 convs there: ``quant_conv_kernel_size=3``).
     An encoder with ``token_layout = "sequence"`` (1D latent tokens, ``nets/latent_tokens.py``) emits
     ``[B, N, z_channels]``; both maps are then linear layers over the channels (the same operation on
     channels-last tokens), and indices are ``[B, N, K]``.
@@ -33,27 +34,37 @@ class Tokenizer(nn.Module):
         quantizer: a :class:`Quantizer` with ``dim``.
         decoder: module with ``z_channels``; ``[B, z_channels, h, w]`` (or ``[B, k, z_channels]``) ``-> [B, 3, H, W]``.
         config: the JSON-able ``{"encoder": {...}, "quantizer": {...}, "decoder": {...}}`` this
-            tokenizer was built from (``_target_`` dicts); kept so it can be saved and rebuilt.
+            tokenizer was built from (``_target_`` dicts, plus ``quant_conv_kernel_size`` when it is not
+            1); kept so it can be saved and rebuilt.
+        quant_conv_kernel_size: odd kernel size of ``quant_conv`` and ``post_quant_conv`` on grid
+            latents ("same" padding); 1 except for VAR-style tokenizers (3).
     """
 
     def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module,
-                 config: Mapping[str, Any] | None = None) -> None:
+                 config: Mapping[str, Any] | None = None, quant_conv_kernel_size: int = 1) -> None:
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        if not (isinstance(quant_conv_kernel_size, int) and quant_conv_kernel_size >= 1 and quant_conv_kernel_size % 2):
+            raise ConfigValueError("quant_conv_kernel_size", quant_conv_kernel_size, "an odd positive integer (1 or 3)")
         if self.is_sequence:
+            if quant_conv_kernel_size != 1:
+                raise ConfigValueError("quant_conv_kernel_size", quant_conv_kernel_size,
+                                       "1 for 1D token sequences (the maps are linear layers over the channels)")
             self.quant_conv = nn.Linear(encoder.z_channels, quantizer.dim)
             self.post_quant_conv = nn.Linear(quantizer.out_dim, decoder.z_channels)
         else:
-            self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, 1)
-            self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, 1)
+            k = quant_conv_kernel_size
+            self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, k, padding=k // 2)
+            self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, k, padding=k // 2)
         self.config = copy.deepcopy(dict(config)) if config is not None else None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Tokenizer":
-        """Build from ``{"encoder": ..., "quantizer": ..., "decoder": ...}`` ``_target_`` dicts; only
-        classes inside ``imagetok`` are built, and a bad value raises ``ConfigValueError`` naming its key."""
+        """Build from ``{"encoder": ..., "quantizer": ..., "decoder": ...}`` ``_target_`` dicts (and an
+        optional ``quant_conv_kernel_size``); only classes inside ``imagetok`` are built, and a bad value
+        raises ``ConfigValueError`` naming its key."""
         parts = {name: build(config[name], name) for name in ("encoder", "quantizer", "decoder")}
-        return cls(**parts, config=config)
+        return cls(**parts, config=config, quant_conv_kernel_size=config.get("quant_conv_kernel_size", 1))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, weights: Literal["ema", "raw"] = "ema") -> "Tokenizer":

@@ -1,9 +1,14 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ), shared by the converter tests: the real parameter names and shapes, small widths."""
+VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ), shared by the converter tests: the real parameter names and shapes,
+small widths."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from imagetok import Tokenizer
 
 CH, CH_MULT, BLOCKS, Z, K, DIM = 32, [1, 2], 1, 32, 64, 8
 
@@ -98,3 +103,89 @@ def llamagen_state() -> dict:
             b.conv(f"decoder.conv_blocks.{idx}.upsample.conv", block_in, block_in)
     b.norm("decoder.norm_out", block_in), b.conv("decoder.conv_out", block_in, 3)
     return b.state
+
+
+VAR_CODES, VAR_DIM = 64, 8
+
+
+def var_tokenizer(scales=(1, 2, 4, 8), num_refiners=4, ch_mult=(1, 2), seed=0) -> Tokenizer:
+    """A small VAR-shaped tokenizer: attention at the lowest level and in the middle, 3x3 quant convs."""
+    torch.manual_seed(seed)
+    lowest = 256 // 2 ** (len(ch_mult) - 1)
+    net = {"ch": 16, "ch_mult": list(ch_mult), "num_res_blocks": 1, "attn_resolutions": [lowest], "z_channels": VAR_DIM}
+    tok = Tokenizer.from_config({
+        "encoder": {"_target_": "imagetok.nets.cnn.Encoder", **net},
+        "decoder": {"_target_": "imagetok.nets.cnn.Decoder", **net},
+        "quantizer": {"_target_": "imagetok.quantizers.multiscale.MultiScaleResidualQuantizer", "dim": VAR_DIM,
+                      "codebook_size": VAR_CODES, "scales": list(scales), "num_refiners": num_refiners},
+        "quant_conv_kernel_size": 3,
+    })
+    with torch.no_grad():  # non-trivial norms and codes at the latents' scale, so a wrong mapping shows
+        for name, p in tok.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        tok.quantizer.vq.codebook.normal_(0, 0.3)
+    return tok.eval()
+
+
+def var_state(tok: Tokenizer, phi_layout: str = "qresi_ls") -> dict[str, torch.Tensor]:
+    """``tok``'s weights under VAR's names (the inverse of ``convert_var``'s mapping)."""
+    state, out = tok.state_dict(), {}
+    for key, value in state.items():
+        if key.startswith("quantizer."):
+            continue
+        if ".attn" in key and key.rsplit(".", 2)[-2] in ("k", "v"):
+            continue
+        if ".attn" in key and key.rsplit(".", 2)[-2] == "q":
+            prefix, leaf = key.rsplit(".", 2)[0], key.rsplit(".", 1)[-1]
+            out[f"{prefix}.qkv.{leaf}"] = torch.cat([state[f"{prefix}.{n}.{leaf}"] for n in "qkv"]).clone()
+            continue
+        out[key] = value.clone()
+    out["quantize.embedding.weight"] = state["quantizer.vq.codebook"].clone()
+    out["quantize.ema_vocab_hit_SV"] = torch.zeros(len(tok.quantizer.scales), VAR_CODES)
+    for key, value in state.items():
+        if key.startswith("quantizer.refiners."):
+            j, leaf = key.split(".")[2:]
+            where = {"qresi_ls": f"qresi_ls.{j}", "per_scale": j, "shared": "qresi"}[phi_layout]
+            out[f"quantize.quant_resi.{where}.{leaf}"] = value.clone()
+    return out
+
+
+MAGVIT2_BITS = 6
+MAGVIT2_NETS = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": MAGVIT2_BITS}
+
+
+def _randomize_magvit2(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.1 if p.ndim == 1 else 0.02))
+
+
+def _with_ema(state: dict, seed: int = 5) -> dict:
+    """``state`` plus LitEma shadows of its tokenizer tensors, each a little different from the raw one."""
+    gen = torch.Generator().manual_seed(seed)
+    shadows = {f"model_ema.{k.replace('.', '')}": v + 0.01 * torch.randn(v.shape, generator=gen)
+               for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant", "post_quant"))}
+    return {**state, **shadows, "model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(-1)}
+
+
+@functools.cache  # read-only in the tests: converting never modifies a checkpoint
+def lfq_checkpoint() -> dict:
+    """A Lightning ``{"state_dict": ...}`` in Open-MAGVIT2's layout (``lfqgan.VQModel``: no quant_conv,
+    a parameter-free LFQ, ``decoder.up.i.upsample.conv1``, loss tensors)."""
+    torch.manual_seed(0)
+    source = Tokenizer.from_config({
+        "encoder": {"_target_": "imagetok.nets.magvit2.Magvit2Encoder", **MAGVIT2_NETS},
+        "decoder": {"_target_": "imagetok.nets.magvit2.Magvit2Decoder", **MAGVIT2_NETS},
+        "quantizer": {"_target_": "imagetok.quantizers.lfq.LookupFreeQuantizer", "dim": MAGVIT2_BITS}})
+    _randomize_magvit2(source, 1)
+    state = {k.replace(".upsample.conv.", ".upsample.conv1."): v for k, v in source.state_dict().items()
+             if k.startswith(("encoder.", "decoder."))}
+    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)
+    return {"state_dict": _with_ema(state), "epoch": 3, "global_step": 100}
+
+
+def ibq_checkpoint(ema: bool = True) -> dict:
+    state = taming_state()  # taming's nets and quant convs, 64 codes of 8 dims
+    return {"state_dict": _with_ema(state) if ema else state}

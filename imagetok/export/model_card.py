@@ -61,7 +61,8 @@ def model_card(tokenizer: Tokenizer, run_config: dict[str, Any], steps: int | No
                metrics: dict[str, Any] | None, weights: str, source: str, lpips_used: bool | None = None) -> str:
     """Markdown text; ``run_config`` is the training run's resolved config (may be empty)."""
     data = run_config.get("data", {})
-    size = int(data.get("image_size", 256))
+    scales = getattr(tokenizer.quantizer, "scales", None)  # a multi-scale tokenizer takes one image size only
+    size = int(data.get("image_size", scales[-1] * tokenizer.downsample_factor if scales else 256))
     token_shape = tokenizer.token_shape(size)  # (h, w, K), or (L, 1) for multi-scale tokens
     target = lambda part: tokenizer.config[part]["_target_"].rsplit(".", 1)[-1] if tokenizer.config else "?"  # noqa: E731
     lines = [

@@ -25,12 +25,18 @@ def foreign_sources() -> list[str]:
     return sorted(name for name, source in FORMATS.items() if source.convert is not None)
 
 
+def converter_options(cfg: DictConfig) -> dict[str, Any]:
+    """The export keys a converter may declare in its ``SourceFormat.options`` (``config=``: a source
+    project's own config file, ``weights=``: EMA or raw); each format receives only those it declares."""
+    return {"config": cfg.get("config"), "weights": cfg.weights}
+
+
 def export_converted(cfg: DictConfig, source: str, checkpoint: Any) -> Path:
     """Another project's ``checkpoint`` (loaded from ``cfg.checkpoint``) in format ``source`` -> a
     save_pretrained directory."""
     from imagetok.export.converters import convert_checkpoint
 
-    tokenizer = convert_checkpoint(source, checkpoint, Path(cfg.checkpoint))
+    tokenizer = convert_checkpoint(source, checkpoint, Path(cfg.checkpoint), **converter_options(cfg))
     card = model_card(tokenizer, {}, None, None, "as published", f"converted from the {source} checkpoint {cfg.checkpoint}")
     out = tokenizer.save_pretrained(cfg.out, extra={"converted_from": source}, card=card)
     log.info("converted %s checkpoint %s to %s", source, cfg.checkpoint, out)
@@ -47,9 +53,10 @@ def export(cfg: DictConfig) -> Path:
 
         check(source == "auto" or source in foreign_sources(), "from", source,
               f"null (an imagetok training checkpoint), auto (detect the format) or one of {foreign_sources()}")
+        check(cfg.weights in ("ema", "raw"), "weights", cfg.weights, "'ema' or 'raw'")
         checkpoint = load_original_checkpoint(cfg.checkpoint)
         if source == "auto":
-            found = detect_format(checkpoint, Path(cfg.checkpoint))
+            found = detect_format(checkpoint, Path(cfg.checkpoint), **converter_options(cfg))
             log.info("from=auto: %s is a checkpoint in the %s format", cfg.checkpoint, found.name)
             source = found.name
         if FORMATS[source].convert is not None:

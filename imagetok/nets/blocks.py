@@ -17,16 +17,20 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResnetBlock(nn.Module):
-    """norm -> swish -> conv3x3, twice, plus a (1x1-projected) skip. ``[B, C_in, H, W] -> [B, C_out, H, W]``."""
+    """norm -> swish -> conv3x3, twice, plus a (1x1-projected) skip. ``[B, C_in, H, W] -> [B, C_out, H, W]``.
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    ``bias=False`` drops the convolutions' biases (MAGVIT-v2's blocks have none: each conv is followed
+    by a GroupNorm or a residual sum that makes a bias redundant)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias)
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1, bias=bias) if in_channels != out_channels
+                             else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

@@ -5,7 +5,8 @@ to enumerate for ``d = 128``, so nothing here ever builds a ``2^d`` tensor:
 
 * **Indices.** The ``d`` bits are emitted as ``G = d / bits_per_token`` sub-tokens; sub-token ``k`` is
   the little-endian number of bits ``k*b .. (k+1)*b - 1`` (bit ``j`` of the group is worth ``2^j``), so
-  every sub-token lies in ``[0, 2^b)`` and fits an integer tensor and a downstream vocabulary.
+  every sub-token lies in ``[0, 2^b)`` and fits an integer tensor and a downstream vocabulary. A list
+  ``bits_per_token=[6, 12]`` splits the bits unequally, in order (Open-MAGVIT2's asymmetric factorisation).
 * **Entropy.** Both papers' soft assignment of a token to the codes is a softmax over ``2^d`` codes
   whose logits are a sum over dimensions, so it is a *product of independent per-bit Bernoullis* with
   per-bit logits ``l_i``. Hence the per-sample entropy ``E_x[H(p(c|x))]`` is computed exactly as a sum
@@ -23,6 +24,7 @@ to enumerate for ``d = 128``, so nothing here ever builds a ``2^d`` tensor:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +38,20 @@ from imagetok.quantizers.base import Quantizer, QuantizerOutput
 MAX_TOKEN_BITS = 62  # a sub-token must fit a signed int64 with room to spare (counted sparsely in evaluation)
 
 
-def bits_to_subtokens(bits: torch.Tensor, bits_per_token: int) -> torch.Tensor:
-    """Bits ``[..., d]`` (bool) -> LongTensor ``[..., d / bits_per_token]``, each in ``[0, 2^b)``."""
+def bits_to_subtokens(bits: torch.Tensor, bits_per_token: int | Sequence[int]) -> torch.Tensor:
+    """Bits ``[..., d]`` (bool) -> LongTensor ``[..., d / bits_per_token]``, each in ``[0, 2^b)``; with a list
+    of sizes (summing to ``d``) ``[..., len(sizes)]``, sub-token ``k`` in ``[0, 2^sizes[k])``."""
+    if not isinstance(bits_per_token, int):
+        return torch.cat([bits_to_subtokens(part, part.shape[-1]) for part in bits.split(list(bits_per_token), -1)], -1)
     weights = 2 ** torch.arange(bits_per_token, device=bits.device, dtype=torch.long)
     grouped = bits.reshape(*bits.shape[:-1], -1, bits_per_token).long()
     return (grouped * weights).sum(-1)
 
 
-def subtokens_to_bits(indices: torch.Tensor, bits_per_token: int) -> torch.Tensor:
-    """Inverse of :func:`bits_to_subtokens`: LongTensor ``[..., G]`` -> bool ``[..., G * b]``."""
+def subtokens_to_bits(indices: torch.Tensor, bits_per_token: int | Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`bits_to_subtokens`: LongTensor ``[..., G]`` -> bool ``[..., G * b]`` (``[..., sum(sizes)]``)."""
+    if not isinstance(bits_per_token, int):
+        return torch.cat([subtokens_to_bits(indices[..., k:k + 1], size) for k, size in enumerate(bits_per_token)], -1)
     shifts = torch.arange(bits_per_token, device=indices.device, dtype=torch.long)
     return ((indices.long().unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)
 
@@ -100,7 +107,8 @@ class BinaryQuantizer(Quantizer):
         dim: channels of the incoming latents; when it differs from ``bits`` linear projections map
             ``dim -> bits`` before binarisation and ``bits -> dim`` after.
         bits: number of binary dimensions ``d`` (implicit codebook of ``2^d`` codes).
-        bits_per_token: bits per emitted sub-token ``b`` (divides ``bits``, at most 62); null = ``bits``.
+        bits_per_token: bits per emitted sub-token ``b`` (divides ``bits``, at most 62); null = ``bits``; a
+            list (e.g. ``[6, 12]``, summing to ``bits``) gives sub-tokens of those sizes, in bit order.
         entropy_group_bits: bits per group of the codebook-entropy estimate ``g`` (divides ``bits``, at
             most 16); memory of the estimate is about ``T x (d/g) x 2^(g/2 + 1)`` floats. Null = the
             largest divisor of ``bits`` not above ``min(b, 12)`` (18 bits as one token: 9; 128 bits as
@@ -115,7 +123,7 @@ class BinaryQuantizer(Quantizer):
     eval forward (``encode``, validation) returns the commitment term alone in ``loss``.
     """
 
-    def __init__(self, *, dim: int, bits: int, bits_per_token: int | None, entropy_group_bits: int | None,
+    def __init__(self, *, dim: int, bits: int, bits_per_token: int | Sequence[int] | None, entropy_group_bits: int | None,
                  entropy_weight: float, codebook_entropy_weight: float, commitment_weight: float,
                  inv_temperature: float, bit_decay: float = 0.99) -> None:
         super().__init__()
@@ -126,12 +134,20 @@ class BinaryQuantizer(Quantizer):
               f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16): null puts all {bits} bits in one "
               f"sub-token, which works only up to {MAX_TOKEN_BITS} bits")
         bits_per_token = bits if bits_per_token is None else bits_per_token
-        check(isinstance(bits_per_token, int) and 1 <= bits_per_token <= MAX_TOKEN_BITS and bits % bits_per_token == 0,
-              "bits_per_token", bits_per_token, f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16)")
+        if isinstance(bits_per_token, int):
+            check(1 <= bits_per_token <= MAX_TOKEN_BITS and bits % bits_per_token == 0,
+                  "bits_per_token", bits_per_token, f"a divisor of bits={bits} in [1, {MAX_TOKEN_BITS}] (e.g. 16)")
+            token_bits = [bits_per_token] * (bits // bits_per_token)
+        else:
+            token_bits = list(bits_per_token)
+            check(all(isinstance(b, int) and 1 <= b <= MAX_TOKEN_BITS for b in token_bits) and sum(token_bits) == bits,
+                  "bits_per_token", token_bits, f"sizes in [1, {MAX_TOKEN_BITS}] summing to bits={bits} (e.g. [6, 12])")
+            # equal parts: the plain integer form
+            bits_per_token = token_bits[0] if len(set(token_bits)) == 1 else token_bits
         if entropy_group_bits is None:
             # the largest group that divides the bits: falling back to 1 (fully factorised) would lose
             # every within-group correlation, e.g. for 14 or 18 bits as a single token
-            cap = min(bits_per_token, 12)
+            cap = min(*token_bits, 12)
             entropy_group_bits = max(g for g in range(1, cap + 1) if bits % g == 0)
         check(isinstance(entropy_group_bits, int) and 1 <= entropy_group_bits <= 16 and bits % entropy_group_bits == 0,
               "entropy_group_bits", entropy_group_bits, f"a divisor of bits={bits} in [1, 16]")
@@ -141,7 +157,8 @@ class BinaryQuantizer(Quantizer):
         check(inv_temperature > 0, "inv_temperature", inv_temperature, "a positive float")
         check(0.0 < bit_decay < 1.0, "bit_decay", bit_decay, "a float in (0, 1)")
         self.dim, self.bits, self.bits_per_token, self.entropy_group_bits = dim, bits, bits_per_token, entropy_group_bits
-        self.num_tokens = bits // bits_per_token
+        self.token_bits = token_bits  # bits of each sub-token, in order
+        self.num_tokens = len(token_bits)
         self.entropy_weight, self.codebook_entropy_weight = entropy_weight, codebook_entropy_weight
         self.commitment_weight, self.inv_temperature, self.bit_decay = commitment_weight, inv_temperature, bit_decay
         projected = dim != bits
@@ -154,7 +171,7 @@ class BinaryQuantizer(Quantizer):
 
     @property
     def codebook_sizes(self) -> list[int]:
-        return [2**self.bits_per_token] * self.num_tokens
+        return [2**b for b in self.token_bits]
 
     def _binarize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected tokens ``[T, d]`` (float32) -> ``(bits, q_st, v, logits)``: bool bits ``[T, d]``,
@@ -192,8 +209,7 @@ class BinaryQuantizer(Quantizer):
     def indices_to_latents(self, indices: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         check(indices.shape[-1] == self.num_tokens, "indices", tuple(indices.shape),
               f"shape [B, *spatial, {self.num_tokens}]")
-        size = 2**self.bits_per_token
-        U.check_index_range(indices, size)
+        U.check_index_range(indices, self.codebook_sizes)
         with U.float32_math(indices.device):
             bits = subtokens_to_bits(indices.reshape(-1, self.num_tokens), self.bits_per_token)  # [T, d]
             out = self.project_out(self._codes(bits))  # [T, dim]
@@ -209,8 +225,7 @@ class BinaryQuantizer(Quantizer):
         """Per sub-codebook batch usage, perplexity and entropy (``*_k`` keys when ``G > 1``), their
         means, and ``bit_entropy_bits``: the summed entropy of the moving-average bit frequencies, an
         upper bound (in bits, at most ``d``) of the code entropy over recent training steps."""
-        size = 2**self.bits_per_token
-        per_token = [count_statistics(idx[:, k], size) for k in range(self.num_tokens)]
+        per_token = [count_statistics(idx[:, k], size) for k, size in enumerate(self.codebook_sizes)]
         metrics = {name: torch.stack([s[name] for s in per_token]).mean() for name in per_token[0]}
         metrics["entropy_bits"] = metrics["entropy_bits"] * self.num_tokens  # sum over sub-tokens
         if self.num_tokens > 1:

@@ -60,6 +60,13 @@ def check_index_range(indices: torch.Tensor, sizes: int | Sequence[int]) -> None
                            f"integers in [0, size) per sub-token, sizes {sizes}")
 
 
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype quantizer math runs in: float64 when every given tensor (input, codebook) already is,
+    float32 otherwise. A model cast with ``.double()`` thus stays float64 end to end (converters are
+    checked against the original implementation that way); half and bfloat16 are never used."""
+    return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 @contextlib.contextmanager
 def float32_math(device: torch.device) -> Iterator[None]:
     """Disable autocast so distances, rounding and indices are computed in float32; under

@@ -131,10 +131,11 @@ class MultiScaleResidualQuantizer(Quantizer):
         return residual if side == residual.shape[-1] else F.interpolate(residual, size=(side, side), mode="area")
 
     def _refined_code_map(self, token_map: torch.Tensor, k: int, size: tuple[int, int]) -> torch.Tensor:
-        """Token map ``[B, s, s]`` of scale ``k`` -> its contribution to ``f_hat`` ``[B, C, *size]`` (float32):
-        code lookup, upsampling to the latent size, refinement ``phi_k``. Differentiable in the codebook
-        and the refiners."""
-        codes = F.embedding(token_map, self.vq.codebook.float())  # [B, s, s, C]
+        """Token map ``[B, s, s]`` of scale ``k`` -> its contribution to ``f_hat`` ``[B, C, *size]`` (float32,
+        float64 for a ``.double()`` model): code lookup, upsampling to the latent size, refinement
+        ``phi_k``. Differentiable in the codebook and the refiners."""
+        codebook = self.vq.codebook
+        codes = F.embedding(token_map, codebook.to(U.math_dtype(codebook)))  # [B, s, s, C]
         x = codes.permute(0, 3, 1, 2).contiguous()
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode=self.upsample, align_corners=False)
@@ -149,7 +150,7 @@ class MultiScaleResidualQuantizer(Quantizer):
         self._check_latent_size(tuple(z.shape[-2:]))
         size = tuple(z.shape[-2:])
         with U.float32_math(z.device):
-            f = z.float()
+            f = z.to(U.math_dtype(z, self.vq.codebook))
             residual, f_hat = f.detach(), torch.zeros_like(f)
             loss, metrics, token_maps = f.new_zeros(()), {}, []
             for k, side in enumerate(self.scales):
@@ -206,7 +207,8 @@ class MultiScaleResidualQuantizer(Quantizer):
         U.check_index_range(indices, self.codebook_size)
         side = self.scales[-1]
         with U.float32_math(indices.device):
-            f_hat = torch.zeros(indices.shape[0], self.dim, side, side, device=indices.device)
+            f_hat = torch.zeros(indices.shape[0], self.dim, side, side, device=indices.device,
+                                dtype=U.math_dtype(self.vq.codebook))
             for k, token_map in enumerate(maps):
                 f_hat = f_hat + self._refined_code_map(token_map, k, (side, side))
         f_hat = f_hat.contiguous()

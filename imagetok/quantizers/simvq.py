@@ -60,7 +60,8 @@ class SimVectorQuantizer(VectorQuantizer):
         self.linear = nn.Linear(d, d, bias=False)  # W: codes = C W (nn.Linear computes C W^T; its weight is W^T)
         nn.init.eye_(self.linear.weight)
 
-    def _codes(self) -> torch.Tensor:
-        """Mapped codebook ``C W`` in float32 ``[K, codebook_dim]``, differentiable in ``W`` only."""
-        codes = F.linear(self.codebook.float(), self.linear.weight.float())
+    def _codes(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Mapped codebook ``C W`` ``[K, codebook_dim]`` in ``dtype`` (float32, or float64 for a
+        ``.double()`` model), differentiable in ``W`` only."""
+        codes = F.linear(self.codebook.to(dtype), self.linear.weight.to(dtype))
         return F.normalize(codes, dim=-1) if self.l2_normalize else codes

@@ -105,9 +105,10 @@ class VectorQuantizer(Quantizer):
     def codebook_sizes(self) -> list[int]:
         return [self.codebook_size]
 
-    def _codes(self) -> torch.Tensor:
-        """Codebook in float32 ``[K, codebook_dim]``, on the unit sphere when l2-normalised."""
-        codes = self.codebook.float()
+    def _codes(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Codebook ``[K, codebook_dim]`` in ``dtype`` (float32, or float64 for a ``.double()`` model),
+        on the unit sphere when l2-normalised."""
+        codes = self.codebook.to(dtype)
         return F.normalize(codes, dim=-1) if self.l2_normalize else codes
 
     def _project_in(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -117,12 +118,13 @@ class VectorQuantizer(Quantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         tokens, restore = U.to_tokens(z)  # [T, dim]
         with U.float32_math(z.device):
-            x = self._project_in(tokens.float())  # [T, codebook_dim]
+            dtype = U.math_dtype(tokens, self.codebook)
+            x = self._project_in(tokens.to(dtype))  # [T, codebook_dim]
             # State changes only in a training forward with gradients: encode() (no_grad) never mutates.
             updating = self.training and torch.is_grad_enabled()
             if updating and not U.is_initialized(self):
                 self._initialize(x.detach())
-            codes = self._codes()
+            codes = self._codes(dtype)
             idx = U.nearest_code(x.detach(), codes.detach(), self.max_search_elements, self.l2_normalize)
             q = F.embedding(idx, codes)  # [T, codebook_dim]; grad reaches codes only via the loss
             commitment = F.mse_loss(x, q.detach())

@@ -4,6 +4,11 @@ Each source project registers one :class:`SourceFormat` next to its converter (`
 ``llamagen.py``, ...): a detector that looks only at the names of the loaded checkpoint's entries, a
 sentence saying what it looks for, and the converter. ``from=auto`` runs every detector and needs
 exactly one to match; a file that matches none is refused with the list of what was looked for.
+
+A format whose converter needs more than the checkpoint (SEED-Voken's ``magvit2``: the training yaml,
+EMA or raw weights) declares the names of those ``export.py`` keys in ``options``; its ``detect`` and
+``convert`` then receive them as keyword arguments, and every other format is called with the
+checkpoint alone (export passes all the keys it has; each format takes only those it declares).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from imagetok.errors import CheckpointError
+from imagetok.errors import CheckpointError, ConfigValueError
 
 if TYPE_CHECKING:
     from imagetok.tokenizer import Tokenizer
@@ -72,12 +77,27 @@ class SourceFormat:
     from its entries' names alone. ``looks_for``: what ``detect`` needs, in words (shown when no format
     matches). ``convert(checkpoint)``: the :class:`Tokenizer`, raising :class:`CheckpointError` for a
     checkpoint it cannot convert; None for imagetok's own training checkpoints, which
-    :func:`imagetok.export.run.export` exports itself (EMA or raw weights, model card, serving)."""
+    :func:`imagetok.export.run.export` exports itself (EMA or raw weights, model card, serving).
+    ``options``: export keys (``config``, ``weights``...) that ``detect`` and ``convert`` take as
+    keyword arguments besides the checkpoint; none for most formats."""
 
     name: str
     looks_for: str
-    detect: Callable[[Any], bool]
-    convert: Callable[[Any], "Tokenizer"] | None
+    detect: Callable[..., bool]
+    convert: Callable[..., Tokenizer] | None
+    options: tuple[str, ...] = ()
+
+    def _own(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {key: options[key] for key in self.options if key in options}
+
+    def matches(self, checkpoint: Any, **options: Any) -> bool:
+        """``detect`` with the options this format declares (the others are not its business)."""
+        return self.detect(checkpoint, **self._own(options))
+
+    def converted(self, checkpoint: Any, **options: Any) -> Tokenizer:
+        """``convert`` with the options this format declares."""
+        assert self.convert is not None, f"{self.name} checkpoints are exported by imagetok.export.run"
+        return self.convert(checkpoint, **self._own(options))
 
 
 FORMATS: dict[str, SourceFormat] = {}
@@ -90,7 +110,7 @@ def register(source: SourceFormat) -> SourceFormat:
     return source
 
 
-def register_key_layout(name: str, layout: KeyLayout, convert: Callable[[Any], "Tokenizer"]) -> SourceFormat:
+def register_key_layout(name: str, layout: KeyLayout, convert: Callable[[Any], Tokenizer]) -> SourceFormat:
     """Register a format that is recognised by its tensors' names alone (most are)."""
     return register(SourceFormat(name, layout.describe(), layout.matches, convert))
 
@@ -114,10 +134,11 @@ def _first(items: list[str], n: int) -> str:
     return f"[{shown}{f', ... {len(items) - n} more' if len(items) > n else ''}]"
 
 
-def detect_format(checkpoint: Any, path: Path) -> SourceFormat:
+def detect_format(checkpoint: Any, path: Path, **options: Any) -> SourceFormat:
     """The one registered format ``checkpoint`` (loaded from ``path``) is in; a :class:`CheckpointError`
-    naming every format and what it needs when none matches, or the candidates when several do."""
-    found = [source for source in FORMATS.values() if source.detect(checkpoint)]
+    naming every format and what it needs when none matches, or the candidates when several do.
+    ``options``: export's keys, given to the formats that declare them (see :class:`SourceFormat`)."""
+    found = [source for source in FORMATS.values() if source.matches(checkpoint, **options)]
     if len(found) == 1:
         return found[0]
     if found:
@@ -128,16 +149,22 @@ def detect_format(checkpoint: Any, path: Path) -> SourceFormat:
                           f"{describe_contents(checkpoint)}")
 
 
-def convert_checkpoint(name: str, checkpoint: Any, path: Path) -> "Tokenizer":
+def convert_checkpoint(name: str, checkpoint: Any, path: Path, **options: Any) -> Tokenizer:
     """``checkpoint`` (loaded from ``path``) converted by format ``name``'s converter. A checkpoint in
-    another layout is refused naming what ``name`` needs and, when it is in another known format, that one."""
+    another layout is refused naming what ``name`` needs and, when it is in another known format, that one.
+    ``options``: export's keys (``config=``, ``weights=``); each format receives those it declares.
+    Every refusal is one :class:`CheckpointError` line starting with ``path``."""
     source = FORMATS[name]
-    if not source.detect(checkpoint):
-        others = [s.name for s in FORMATS.values() if s.name != name and s.detect(checkpoint)]
+    if not source.matches(checkpoint, **options):
+        others = [s.name for s in FORMATS.values() if s.name != name and s.matches(checkpoint, **options)]
         found = (f"it looks like a {others[0]} checkpoint: use from={others[0]} (or from=auto)" if others
                  else describe_contents(checkpoint))
         raise CheckpointError(f"{path} is not a {name} checkpoint (from={name} needs {source.looks_for}); {found}")
     try:
-        return source.convert(checkpoint)
+        return source.converted(checkpoint, **options)
     except CheckpointError as err:
         raise CheckpointError(f"{path} ({name}): {err}") from None
+    except ConfigValueError:
+        raise  # names the export key at fault already
+    except ValueError as err:  # a value in the file that no imagetok module accepts: the user's to fix, one line
+        raise CheckpointError(f"{path} ({name}): {' '.join(str(err).split())}") from None

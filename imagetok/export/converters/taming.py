@@ -16,7 +16,8 @@ from imagetok.tokenizer import Tokenizer
 LAYOUT = KeyLayout(containers=("state_dict",),
                    required=("quantize.embedding.weight", "encoder.conv_in.weight", "encoder.down.", "decoder.up."),
                    # VAR's multi-scale VQVAE shares taming's encoder/decoder names; its quantizer adds quant_resi
-                   excluded=("quantize.quant_resi.",))
+                   # (phi convs) and ema_vocab_hit_SV; SEED-Voken's IBQ shares them too, with LitEma shadows
+                   excluded=("quantize.quant_resi.", "quantize.ema_vocab_hit_SV", "model_ema.quantizeembeddingweight"))
 
 
 def convert_taming(checkpoint: dict[str, Any]) -> Tokenizer:

@@ -1,0 +1,175 @@
+"""compare.py: three tiny tokenizers of different token shapes on the same ImageFolder images, one
+protocol; the leaderboard agrees with evaluate.py, the grid has a row per tokenizer, the page is
+self-contained; a tokenizer that does not load, or none at all, is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from conftest import CONFIGS
+from imagetok import Tokenizer
+from imagetok.evaluation.compare import COLUMNS, compare, default_names, sort_rows
+from imagetok.evaluation.run import evaluate
+from imagetok.training.run import tokenizer_config
+
+NARROW = ["encoder.ch=8", "encoder.z_channels=8"]
+FAST = ["eval.random_weights=true", "eval.feature_layer=64", "eval.force=true", "eval.batch_size=4",
+        "eval.metrics=[psnr,ssim,lpips,fid,tokens]"]
+
+
+def _compose(name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        return compose(name, overrides=overrides)
+
+
+def _tiny_grid_tokenizer() -> Tokenizer:
+    """A 16x16 grid of 16 codes at 32 px (downsampling 2): 256 * 4 / 1024 = 1 bit per pixel."""
+    cnn = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4}
+    return Tokenizer.from_config({"encoder": {"_target_": "imagetok.nets.cnn.Encoder", **cnn},
+                                  "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer",
+                                                "codebook_size": 16, "dim": 4},
+                                  "decoder": {"_target_": "imagetok.nets.cnn.Decoder", **cnn}})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Three save_pretrained directories (VQ 8x8x1 of 1024, LFQ 8x8x2 of 512, VQ 16x16x1 of 16) and an
+    ImageFolder of 6 validation images of odd sizes."""
+    root = tmp_path_factory.mktemp("compare")
+    torch.manual_seed(0)
+    dirs = []
+    for name, tok in [("vq", Tokenizer.from_config(tokenizer_config(_compose("train", NARROW)))),
+                      ("lfq", Tokenizer.from_config(tokenizer_config(_compose("train", ["experiment=cpu_lfq", *NARROW])))),
+                      ("tiny", _tiny_grid_tokenizer())]:
+        dirs.append(tok.save_pretrained(root / name))
+    for split, count in (("train", 1), ("val", 6)):
+        (root / "tree" / split).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.random.default_rng(i).integers(0, 256, (40 + 3 * i, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "tree" / split / f"{i}.png")
+    data = ["data=imagefolder", f"data.root={root / 'tree'}", "data.image_size=32", "data.num_workers=0"]
+    return root, dirs, data
+
+
+def test_compare_writes_one_leaderboard_grid_and_page_under_one_protocol(setup, tmp_path):
+    root, dirs, data = setup
+    tokenizers = "[" + ",".join(str(d) for d in dirs) + "]"
+    cfg = _compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST, "num_grid_images=3"])
+    results = compare(cfg, tmp_path / "cmp")
+    saved = json.loads((tmp_path / "cmp" / "leaderboard.json").read_text())
+    rows = saved["leaderboard"]
+    assert [r["name"] for r in rows] == ["vq", "lfq", "tiny"] and rows == results["leaderboard"]
+    assert [r["bits_per_pixel"] for r in rows] == [0.625, 1.125, 1.0]
+    assert [(r["tokens_per_image"], r["sub_tokens_per_token"]) for r in rows] == [(64, 1), (64, 2), (256, 1)]
+    for row in rows:
+        assert row["num_images"] == 6 and row["fid"] >= 0 and 0 < row["ssim"] <= 1 and row["lpips"] > 0
+        assert 0 < row["codebook_usage"] <= 1 and row["images_per_second"] > 0 and row["parameters"] > 0
+    assert rows[2]["parameters"] == sum(p.numel() for p in Tokenizer.from_pretrained(dirs[2]).parameters())
+    protocol = saved["protocol"]
+    assert protocol["crop"] == "adm" and protocol["image_size"] == 32 and "6 images" in protocol["evaluation_split"]
+    assert protocol["inception"]["layer"] == "64" and protocol["fid_reference"] == "the 6 original images of the evaluation split"
+    assert list(protocol["tokenizers"]) == ["vq", "lfq", "tiny"]
+
+    # the same PSNR as evaluate.py of the same tokenizer on the same images
+    single = evaluate(_compose("evaluate", [f"checkpoint={dirs[1]}", *data, "data.val_crop=adm", "eval.metrics=[psnr]",
+                                            "eval.batch_size=4"]), tmp_path / "eval")
+    assert rows[1]["psnr"] == single["psnr"]
+
+    markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
+    header = "| tokenizer | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    assert header in markdown and markdown.index("- crop: adm, 32 px") < markdown.index(header)
+    assert f"| lfq | {rows[1]['fid']:.3f} | {rows[1]['psnr']:.2f} |" in markdown and "| 64 x 2 | 1.1250 |" in markdown
+
+    # grid.png: 3 tiles of 32 px enlarged 4x, rows = originals + 3 tokenizers, 2 px make_grid padding
+    width, height = Image.open(tmp_path / "cmp" / "grid.png").size
+    assert height == 4 * (128 + 2) + 2 and width > 3 * (128 + 2) + 2
+
+    page = (tmp_path / "cmp" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 * (1 + 3)  # each (image, tokenizer) and each original once
+    assert "http://" not in page and "https://" not in page and "<link" not in page and " src=\"/" not in page
+    assert "image-rendering: pixelated" in page and ">rFID</th>" in page and f"<td>{rows[0]['psnr']:.2f}</td>" in page
+    parsed = _PageParser()
+    parsed.feed(page)
+    parsed.close()
+    assert parsed.table_rows == 1 + 3 + (1 + 3)  # leaderboard header + rows, crops header + one row per image
+    assert parsed.images == 3 * (1 + 3) + 3  # + one viewer per image (its src set by the script)
+    assert parsed.open_tags == []
+
+
+class _PageParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table_rows, self.images, self.open_tags = 0, 0, []
+
+    def handle_starttag(self, tag, attrs):
+        self.table_rows += tag == "tr"
+        self.images += tag == "img"
+        if tag not in ("img", "meta"):
+            self.open_tags.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open_tags and self.open_tags[-1] == tag, (tag, self.open_tags)
+        self.open_tags.pop()
+
+
+def test_names_and_sorting():
+    assert default_names(["a/vq", "runs/x/checkpoints/last.ckpt", "b/vq/"]) == ["a/vq", "x/last", "b/vq/"]
+    assert default_names(["a/vq", "b/lfq"]) == ["vq", "lfq"]
+    rows = [{"name": "a", "psnr": 20.0, "fid": None}, {"name": "b", "psnr": 25.0, "fid": 3.0},
+            {"name": "c", "psnr": None, "fid": 1.0}]
+    assert [r["name"] for r in sort_rows(rows, "psnr")] == ["b", "a", "c"]  # higher first, n/a last
+    assert [r["name"] for r in sort_rows(rows, "fid")] == ["c", "b", "a"]  # lower first
+    assert sort_rows(rows, None) == rows
+
+
+def _run_cli(monkeypatch, capsys, args: list[str]) -> list[str]:
+    from imagetok.cli.compare import main
+
+    monkeypatch.setattr(sys, "argv", ["compare", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out = capsys.readouterr()
+    assert exited.value.code == 2, out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    return [line for line in (out.out + out.err).splitlines() if "error:" in line]
+
+
+def test_a_tokenizer_that_does_not_load_or_none_at_all_is_one_line(setup, tmp_path, monkeypatch, capsys):
+    root, dirs, data = setup
+    run = f"hydra.run.dir={tmp_path / 'run'}"
+    (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{dirs[0]},{tmp_path / 'nope'}]", *data, run])
+    assert f"tokenizers[1]='{tmp_path / 'nope'}' is invalid" in line
+    (tmp_path / "empty").mkdir()
+    (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{tmp_path / 'empty'}]", *data, run])
+    assert f"tokenizers[0]={tmp_path / 'empty'}: " in line
+    (line,) = _run_cli(monkeypatch, capsys, ["tokenizers=[]", *data, run])
+    assert "tokenizers=[] is invalid: allowed values are a non-empty list" in line
+    (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{dirs[0]},{dirs[1]}]", "names=[a]", *data, run])
+    assert "names=['a'] is invalid" in line
+
+
+def test_the_page_in_a_headless_browser(setup, tmp_path):
+    """Only where playwright and its Chromium are installed: the page renders, keys flip the viewer."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    root, dirs, data = setup
+    compare(_compose("compare", [f"tokenizers=[{dirs[0]},{dirs[2]}]", *data, "eval.metrics=[psnr]",
+                                 "num_grid_images=2"]), tmp_path / "cmp")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch()
+        page = browser.new_page()
+        page.goto((tmp_path / "cmp" / "index.html").as_uri())
+        page.keyboard.press("2")
+        assert page.text_content("#showing") == "tiny"
+        assert page.get_attribute(".viewer", "src") == page.get_attribute("#img-0-2", "src")
+        browser.close()

@@ -62,12 +62,21 @@ def setup(tmp_path_factory):
     return root, dirs, data
 
 
-def test_compare_writes_one_leaderboard_grid_and_page_under_one_protocol(setup, tmp_path):
+@pytest.fixture(scope="module")
+def compared(setup, tmp_path_factory):
+    """One compare run of the three tokenizers over the 6 images, 3 of them in the grid and the page."""
     root, dirs, data = setup
+    out = tmp_path_factory.mktemp("cmp")
     tokenizers = "[" + ",".join(str(d) for d in dirs) + "]"
-    cfg = _compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST, "num_grid_images=3"])
-    results = compare(cfg, tmp_path / "cmp")
-    saved = json.loads((tmp_path / "cmp" / "leaderboard.json").read_text())
+    results = compare(_compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST,
+                                           "num_grid_images=3"]), out)
+    return out, results
+
+
+def test_compare_writes_one_leaderboard_grid_and_page_under_one_protocol(setup, compared, tmp_path):
+    root, dirs, data = setup
+    out, results = compared
+    saved = json.loads((out / "leaderboard.json").read_text())
     rows = saved["leaderboard"]
     assert [r["name"] for r in rows] == ["vq", "lfq", "tiny"] and rows == results["leaderboard"]
     assert [r["bits_per_pixel"] for r in rows] == [0.625, 1.125, 1.0]
@@ -86,16 +95,16 @@ def test_compare_writes_one_leaderboard_grid_and_page_under_one_protocol(setup, 
                                             "eval.batch_size=4"]), tmp_path / "eval")
     assert rows[1]["psnr"] == single["psnr"]
 
-    markdown = (tmp_path / "cmp" / "leaderboard.md").read_text()
+    markdown = (out / "leaderboard.md").read_text()
     header = "| tokenizer | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
     assert header in markdown and markdown.index("- crop: adm, 32 px") < markdown.index(header)
     assert f"| lfq | {rows[1]['fid']:.3f} | {rows[1]['psnr']:.2f} |" in markdown and "| 64 x 2 | 1.1250 |" in markdown
 
     # grid.png: 3 tiles of 32 px enlarged 4x, rows = originals + 3 tokenizers, 2 px make_grid padding
-    width, height = Image.open(tmp_path / "cmp" / "grid.png").size
+    width, height = Image.open(out / "grid.png").size
     assert height == 4 * (128 + 2) + 2 and width > 3 * (128 + 2) + 2
 
-    page = (tmp_path / "cmp" / "index.html").read_text()
+    page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 3 * (1 + 3)  # each (image, tokenizer) and each original once
     assert "http://" not in page and "https://" not in page and "<link" not in page and " src=\"/" not in page
     assert "image-rendering: pixelated" in page and ">rFID</th>" in page and f"<td>{rows[0]['psnr']:.2f}</td>" in page
@@ -159,17 +168,78 @@ def test_a_tokenizer_that_does_not_load_or_none_at_all_is_one_line(setup, tmp_pa
     assert "names=['a'] is invalid" in line
 
 
-def test_the_page_in_a_headless_browser(setup, tmp_path):
+# A stand-in for the few DOM calls the page's script makes (no browser or jsdom here): elements as the
+# page declares them; then key 2, pointer over / off the first viewer, a click on column 3.
+FAKE_DOM = r"""
+const spec = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+const make = a => ({...a, dataset: a.dataset, listeners: {}, on: false, title: '',
+  classList: {toggle(_, v) { this.owner.on = v; }},
+  addEventListener(t, f) { this.listeners[t] = f; }});
+const all = spec.elements.map(make); all.forEach(el => { el.classList.owner = el; });
+const showing = {textContent: ''}; const doc = {listeners: {}};
+global.document = {
+  querySelectorAll: sel => sel === '.viewer' ? all.filter(e => e.viewer)
+    : sel === 'th[data-column]' ? all.filter(e => e.tag === 'th' && 'column' in e.dataset)
+    : all.filter(e => 'column' in e.dataset),
+  getElementById: id => id === 'showing' ? showing : all.find(e => e.id === id),
+  addEventListener: (t, f) => { doc.listeners[t] = f; }};
+const state = () => ({showing: showing.textContent, viewer0: all.find(e => e.viewer).src,
+                      on: all.filter(e => e.on).map(e => e.dataset.column)});
+eval(spec.script);
+const states = [state()];
+doc.listeners.keydown({key: '2'}); states.push(state());
+const v = all.find(e => e.viewer); v.listeners.mouseenter(); states.push(state());
+v.listeners.mouseleave(); states.push(state());
+all.find(e => e.tag === 'th' && e.dataset.column === '3').listeners.click(); states.push(state());
+doc.listeners.keydown({key: '9'}); doc.listeners.keydown({key: 'a'}); states.push(state());
+console.log(JSON.stringify(states));
+"""
+
+
+class _ScriptAndElements(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements, self.script, self.in_script = [], "", False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.in_script = tag == "script"
+        if "data-column" in a or a.get("class") == "viewer" or tag == "img":
+            self.elements.append({"tag": tag, "id": a.get("id"), "src": a.get("src", ""), "viewer": a.get("class") == "viewer",
+                                  "dataset": {k[5:]: v for k, v in a.items() if k.startswith("data-")}})
+
+    def handle_data(self, data):
+        if self.in_script:
+            self.script += data
+
+
+def test_the_page_script_flips_between_reconstructions(compared):
+    """The page's script under node with a stand-in DOM: keys and clicks choose what the viewers show."""
+    import shutil
+    import subprocess
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    parsed = _ScriptAndElements()
+    parsed.feed((compared[0] / "index.html").read_text())
+    src = {e["id"]: e["src"] for e in parsed.elements if e["id"]}
+    out = subprocess.run(["node", "-e", FAKE_DOM], input=json.dumps({"elements": parsed.elements, "script": parsed.script}),
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    first, key2, hover, leave, click3, ignored = json.loads(out)
+    assert first == {"showing": "vq", "viewer0": src["img-0-1"], "on": ["1"] * 4}  # header + 3 images
+    assert key2 == {"showing": "lfq", "viewer0": src["img-0-2"], "on": ["2"] * 4}
+    assert hover["viewer0"] == src["img-0-0"] and leave == key2  # the original while the pointer is over it
+    assert click3 == ignored == {"showing": "tiny", "viewer0": src["img-0-3"], "on": ["3"] * 4}
+
+
+def test_the_page_in_a_headless_browser(compared):
     """Only where playwright and its Chromium are installed: the page renders, keys flip the viewer."""
     sync_api = pytest.importorskip("playwright.sync_api")
-    root, dirs, data = setup
-    compare(_compose("compare", [f"tokenizers=[{dirs[0]},{dirs[2]}]", *data, "eval.metrics=[psnr]",
-                                 "num_grid_images=2"]), tmp_path / "cmp")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch()
         page = browser.new_page()
-        page.goto((tmp_path / "cmp" / "index.html").as_uri())
+        page.goto((compared[0] / "index.html").as_uri())
         page.keyboard.press("2")
-        assert page.text_content("#showing") == "tiny"
+        assert page.text_content("#showing") == "lfq"
         assert page.get_attribute(".viewer", "src") == page.get_attribute("#img-0-2", "src")
         browser.close()

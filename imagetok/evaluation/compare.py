@@ -152,7 +152,7 @@ def comparison_grid(originals: torch.Tensor, reconstructions: Sequence[torch.Ten
     grid = reconstruction_grid(originals, torch.cat(list(reconstructions)), min_tile=min_tile)  # [3, H', W'] in [0, 1]
     pixels = Image.fromarray(grid.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     measure = ImageDraw.Draw(pixels)
-    label_width = 8 + int(max(measure.textlength(label) for label in labels))
+    label_width = 12 + int(max(measure.textlength(label) for label in labels))
     page = Image.new("RGB", (pixels.width + label_width, pixels.height), "white")
     page.paste(pixels, (label_width, 0))
     draw = ImageDraw.Draw(page)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compared(setup, tmp_path_factory):
     """One compare run of the three tokenizers over the 6 images, 3 of them in the grid and the page."""
-    root, dirs, data = setup
+    _, dirs, data = setup
     out = tmp_path_factory.mktemp("cmp")
     tokenizers = "[" + ",".join(str(d) for d in dirs) + "]"
     results = compare(_compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST,
@@ -74,7 +73,7 @@ def compared(setup, tmp_path_factory):
 
 
 def test_compare_writes_one_leaderboard_grid_and_page_under_one_protocol(setup, compared, tmp_path):
-    root, dirs, data = setup
+    _, dirs, data = setup
     out, results = compared
     saved = json.loads((out / "leaderboard.json").read_text())
     rows = saved["leaderboard"]
@@ -155,7 +154,7 @@ def _run_cli(monkeypatch, capsys, args: list[str]) -> list[str]:
 
 
 def test_a_tokenizer_that_does_not_load_or_none_at_all_is_one_line(setup, tmp_path, monkeypatch, capsys):
-    root, dirs, data = setup
+    _, dirs, data = setup
     run = f"hydra.run.dir={tmp_path / 'run'}"
     (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{dirs[0]},{tmp_path / 'nope'}]", *data, run])
     assert f"tokenizers[1]='{tmp_path / 'nope'}' is invalid" in line

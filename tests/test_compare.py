@@ -21,6 +21,7 @@ from imagetok.evaluation.compare import COLUMNS, compare, default_names, sort_ro
 from imagetok.evaluation.run import evaluate
 from imagetok.training.run import tokenizer_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (the shared compare run sets it itself)
 NARROW = ["encoder.ch=8", "encoder.z_channels=8"]
 FAST = ["eval.random_weights=true", "eval.feature_layer=64", "eval.force=true", "eval.batch_size=4",
         "eval.metrics=[psnr,ssim,lpips,fid,tokens]"]
@@ -67,8 +68,13 @@ def compared(setup, tmp_path_factory):
     _, dirs, data = setup
     out = tmp_path_factory.mktemp("cmp")
     tokenizers = "[" + ",".join(str(d) for d in dirs) + "]"
-    results = compare(_compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST,
-                                           "num_grid_images=3"]), out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on 2 shared cores: a second thread mostly waits
+    try:
+        results = compare(_compose("compare", [f"tokenizers={tokenizers}", *data, "data.val_crop=adm", *FAST,
+                                               "num_grid_images=3"]), out)
+    finally:
+        torch.set_num_threads(threads)
     return out, results
 
 
@@ -161,6 +167,10 @@ def test_a_tokenizer_that_does_not_load_or_none_at_all_is_one_line(setup, tmp_pa
     (tmp_path / "empty").mkdir()
     (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{tmp_path / 'empty'}]", *data, run])
     assert f"tokenizers[0]={tmp_path / 'empty'}: " in line
+    # 30 px: fine for the tiny grid (downsampling 2), not for the VQ (4), named by its entry
+    (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{dirs[2]},{dirs[0]}]", *data, "data.image_size=30",
+                                             "eval.metrics=[psnr]", run])
+    assert "tokenizers[1].images=" in line
     (line,) = _run_cli(monkeypatch, capsys, ["tokenizers=[]", *data, run])
     assert "tokenizers=[] is invalid: allowed values are a non-empty list" in line
     (line,) = _run_cli(monkeypatch, capsys, [f"tokenizers=[{dirs[0]},{dirs[1]}]", "names=[a]", *data, run])

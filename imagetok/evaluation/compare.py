@@ -10,7 +10,7 @@ the originals' Inception statistics computed once (on the first pass) and reused
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ COLUMNS = (("fid", "rFID", "{:.3f}"), ("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", 
 HIGHER_IS_BETTER = frozenset({"psnr", "ssim", "codebook_usage", "images_per_second"})
 SORT_KEYS = ("name", *(key for key, _, _ in COLUMNS))
 THROUGHPUT = ("images_per_second = images / wall time of the tokenizer's forward passes (encode + decode, "
-              "synchronised on GPUs), batch size eval.batch_size; metric networks and data loading excluded")
+              "synchronised on GPUs), batch size eval.batch_size, after one untimed warm-up batch; metric "
+              "networks and data loading excluded")
 
 
 def default_names(paths: Sequence[str]) -> list[str]:
@@ -162,6 +163,16 @@ def comparison_grid(originals: torch.Tensor, reconstructions: Sequence[torch.Ten
     return page
 
 
+def _check_image_size(index: int, forward: Callable[[], Any]) -> None:
+    """Run ``forward``; an image size the tokenizer cannot take names its ``tokenizers`` entry."""
+    try:
+        forward()
+    except ConfigValueError as err:
+        if err.key != "images":
+            raise
+        raise err.with_prefix(f"tokenizers[{index}]") from None
+
+
 def compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate every entry of ``cfg.tokenizers`` on the ``cfg.data`` validation split under
     ``cfg.eval``; writes ``leaderboard.json``, ``leaderboard.md``, ``grid.png`` and ``index.html``
@@ -178,18 +189,17 @@ def compare(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     data_cfg, datamodule, images = evaluation_images(cfg, rank, world)
     networks = build_metric_networks(e, device, images.total)  # once, for every tokenizer
     size = datamodule.image_size
+    warm_up = next(iter(images), None)  # [B, 3, H, W]: one untimed pass per tokenizer first (kernels, caches)
     rows, runs, real_statistics = [], [], None
     for i, (name, path, tokenizer) in enumerate(zip(names, paths, tokenizers)):
         tokenizer.to(device)
-        try:
-            run = evaluate_tokenizer(tokenizer, images, e, networks, device=device, keep=range(cfg.num_grid_images),
-                                     expected=images.expected, real_statistics=real_statistics,
-                                     desc=f"{name} ({i + 1}/{len(paths)})", show_progress=rank == 0,
-                                     data_target=data_cfg._target_)
-        except ConfigValueError as err:
-            if err.key != "images":  # an image size this tokenizer cannot take: say which tokenizer
-                raise
-            raise err.with_prefix(f"tokenizers[{i}]") from None
+        if warm_up is not None:
+            with torch.no_grad():
+                _check_image_size(i, lambda: tokenizer(warm_up.to(device)))
+        run = evaluate_tokenizer(tokenizer, images, e, networks, device=device, keep=range(cfg.num_grid_images),
+                                 expected=images.expected, real_statistics=real_statistics,
+                                 desc=f"{name} ({i + 1}/{len(paths)})", show_progress=rank == 0,
+                                 data_target=data_cfg._target_)
         tokenizer.cpu()
         real_statistics = run.real_statistics if real_statistics is None else real_statistics
         if runs and not torch.equal(runs[0].originals, run.originals):

@@ -103,14 +103,33 @@ def prefix_lengths(tokenizer: Tokenizer, num_tokens: Any) -> list[int]:
     return sorted(set(counts))
 
 
+def evaluation_images(cfg: DictConfig, rank: int = 0, world: int = 1) -> tuple[DictConfig, Any, InferenceImages]:
+    """The data config as used (the sample data draws ``eval.num_images`` crops), its datamodule, and
+    this rank's batches of the validation split (``[B, 3, H, W]`` in [-1, 1]); shared with ``compare.py``."""
+    from imagetok.training.run import instantiate_part  # the same config-error handling as training
+
+    e = cfg.eval
+    data_cfg = cfg.data.copy()
+    if e.num_images is not None and "val_samples" in data_cfg:  # the sample data draws as many crops as asked
+        data_cfg.val_samples = e.num_images
+    datamodule = instantiate_part(data_cfg, "data")
+    # a webdataset stream gives each rank its own shards; an indexed split is divided by image index
+    images = InferenceImages(datamodule.val_dataset(), batch_size=e.batch_size, num_workers=datamodule.num_workers,
+                             num_images=e.num_images, rank=rank, world=world)
+    return data_cfg, datamodule, images
+
+
+def split_description(data_cfg: DictConfig, seen: int) -> str:
+    """``protocol.evaluation_split``: which images were evaluated."""
+    return f"{data_cfg._target_} validation split, {seen} images, {data_cfg.image_size}px"
+
+
 def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate ``cfg.checkpoint`` on the ``cfg.data`` validation split; writes ``metrics.json``,
     ``summary.md``, ``reconstructions.png``, ``codebook_usage.png`` and ``token_rank_frequency.png``
     under ``run_dir`` and returns the metrics dict: ``num_images``, the token rate (``tokens_per_image``,
     ``sub_tokens_per_token``, ``bits_per_pixel``; see :mod:`imagetok.evaluation.bitrate`), every metric
     asked for, ``bits_per_pixel_vs_tokens`` next to ``psnr_vs_tokens``, and ``protocol``."""
-    from imagetok.training.run import instantiate_part  # the same config-error handling as training
-
     e = cfg.eval
     validate_eval_config(e)
     run_dir = Path(run_dir)
@@ -119,13 +138,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.checkpoint, e.weights).to(device)
-    data_cfg = cfg.data.copy()
-    if e.num_images is not None and "val_samples" in data_cfg:  # the sample data draws as many crops as asked
-        data_cfg.val_samples = e.num_images
-    datamodule = instantiate_part(data_cfg, "data")
-    # a webdataset stream gives each rank its own shards; an indexed split is divided by image index
-    images_of_rank = InferenceImages(datamodule.val_dataset(), batch_size=e.batch_size, num_workers=datamodule.num_workers,
-                                     num_images=e.num_images, rank=rank, world=world)
+    data_cfg, datamodule, images_of_rank = evaluation_images(cfg, rank, world)
     networks = build_metric_networks(e, device, images_of_rank.total)  # total: over all ranks (None: unknown)
     prefixes = prefix_lengths(tokenizer, e.get("num_tokens"))
     run = evaluate_tokenizer(tokenizer, images_of_rank, e, networks, device=device, prefixes=prefixes,
@@ -146,7 +159,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         position = [k for k, _ in after_fid].index("fid") + 1
         results = dict(after_fid[:position] + [("saved_reference", str(e.save_reference))] + after_fid[position:])
 
-    split = f"{data_cfg._target_} validation split, {seen} images, {cfg.data.image_size}px"
+    split = split_description(data_cfg, seen)
     results["protocol"] = {"checkpoint": str(cfg.checkpoint), "weights": e.weights,
                            **evaluation_protocol(e, split, datamodule.val_crop_name, networks, run.fid_reference,
                                                  bool(prefixes), cfg.seed, image_size=size),

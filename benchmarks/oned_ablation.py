@@ -63,9 +63,9 @@ def train_plain(cfg, steps: int, lr: float, warmup: int, continuous: bool, posit
 
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_config(tokenizer_config(cfg))
-    with torch.no_grad():  # scale the learned patch-position tables (1 = as initialised)
+    with torch.no_grad():  # scale the encoder's learned patch-position table (1 = as initialised)
         for name, p in tok.named_parameters():
-            if name.endswith("positions.learned.weight"):
+            if name.endswith("encoder.positions.learned.weight"):
                 p.mul_(position_scale)
             if name.endswith(("encoder.latent_tokens", "decoder.latent_positions")):
                 p.mul_(identity_scale)
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="default: the recipe's optim.warmup_steps")
     parser.add_argument("--continuous", action="store_true")
     parser.add_argument("--position-scale", type=float, default=1.0,
-                        help="multiply the learned patch-position tables after initialisation")
+                        help="multiply the encoder's learned patch-position table after initialisation")
     parser.add_argument("--identity-scale", type=float, default=1.0,
                         help="multiply the learned latent tokens (encoder) and latent positions (decoder)")
     parser.add_argument("--seed", type=int, default=0)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from oned_diagnosis import diagnose  # noqa: E402
+from oned_diagnosis import diagnose
 
-from imagetok.quantizers.base import QuantizerOutput  # noqa: E402
-from imagetok.training.schedule import lr_lambda  # noqa: E402
+from imagetok.quantizers.base import QuantizerOutput
+from imagetok.training.schedule import lr_lambda
 
 
 class PassThrough(nn.Module):
@@ -44,7 +44,8 @@ class PassThrough(nn.Module):
 
 
 def compose(recipe: str, overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     configs = Path(__file__).resolve().parents[1] / "imagetok" / "configs"

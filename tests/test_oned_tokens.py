@@ -11,7 +11,7 @@ from imagetok.data.sample import SampleDataModule
 from imagetok.nets.latent_tokens import LatentTokenDecoder, LatentTokenEncoder
 from imagetok.quantizers.fsq import FiniteScalarQuantizer
 
-NET = dict(patch_size=4, width=64, depth=2, num_heads=2, resolution=16, num_latent_tokens=8, z_channels=8)
+NET = {"patch_size": 4, "width": 64, "depth": 2, "num_heads": 2, "resolution": 16, "num_latent_tokens": 8, "z_channels": 8}
 
 
 def _tokenizer(seed: int = 0) -> Tokenizer:

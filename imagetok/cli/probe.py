@@ -1,12 +1,9 @@
 """``imagetok-probe`` / ``python probe.py tokens=<dir> val_tokens=<dir> [key=value ...]``: train the AR probe
 on token shards and report how generatable the tokens are (see README, "AR probe")."""
 
-import logging
-import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from imagetok.errors import exit_on_user_error
@@ -18,7 +15,7 @@ def main(cfg: DictConfig) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from imagetok.probe.run import probe
-    from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, resume_setting
+    from imagetok.training.cluster import log_file_on_rank_zero_only, prepare_job
     from imagetok.utils.console import quiet_console
 
     hydra_cfg = HydraConfig.get()
@@ -26,14 +23,7 @@ def main(cfg: DictConfig) -> None:
     quiet_console(rank_zero_only.rank)
     with exit_on_user_error():
         _ = cfg.tokens, cfg.val_tokens  # a missing required value fails here, in one line
-        sweep = hydra_cfg.mode == RunMode.MULTIRUN
-        if sweep:
-            check_sweep_job(cfg.trainer)
-        resume, search_dir = resume_setting(cfg.resume, cfg.resume_search_dir, hydra_cfg.runtime.output_dir, sweep)
-        if resume != cfg.resume:
-            logging.getLogger("imagetok").info("requeued by SLURM (restart %s): resume=last",
-                                               os.environ.get("SLURM_RESTART_COUNT"))
-        cfg.resume, cfg.resume_search_dir = resume, search_dir
+        prepare_job(cfg, hydra_cfg)
         probe(cfg, hydra_cfg.runtime.output_dir)
 
 

@@ -1,12 +1,10 @@
 """``imagetok-train`` / ``python train.py [group=option ...] [key=value ...]``: train a tokenizer (see README)."""
 
 import logging
-import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from imagetok.errors import exit_on_user_error
@@ -27,7 +25,7 @@ def _defaults(hydra_cfg) -> DictConfig | None:
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     # Imported here so that `--help` and config errors do not wait for torch and Lightning.
-    from imagetok.training.cluster import check_sweep_job, log_file_on_rank_zero_only, resume_setting
+    from imagetok.training.cluster import log_file_on_rank_zero_only, prepare_job
     from imagetok.training.run import train
 
     from lightning.pytorch.utilities import rank_zero_only
@@ -39,16 +37,7 @@ def main(cfg: DictConfig) -> None:
     quiet_console(rank_zero_only.rank)
     with exit_on_user_error():
         try:
-            sweep = hydra_cfg.mode == RunMode.MULTIRUN
-            if sweep:
-                check_sweep_job(cfg.trainer)
-            # A job requeued by SLURM reruns its original overrides and continues from its last checkpoint;
-            # resume=last in a sweep job looks in this job's own directory only (see resume_setting).
-            resume, search_dir = resume_setting(cfg.resume, cfg.resume_search_dir, hydra_cfg.runtime.output_dir, sweep)
-            if resume != cfg.resume:
-                logging.getLogger("imagetok").info("requeued by SLURM (restart %s): resume=last",
-                                                   os.environ.get("SLURM_RESTART_COUNT"))
-            cfg.resume, cfg.resume_search_dir = resume, search_dir
+            resume = prepare_job(cfg, hydra_cfg)
             train(cfg, hydra_cfg.runtime.output_dir, defaults=_defaults(hydra_cfg) if resume else None)
         except FloatingPointError as err:  # optim.nonfinite: the loss diverged; no checkpoint was touched
             logging.getLogger("imagetok").error("training stopped: %s", err)

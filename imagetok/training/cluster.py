@@ -97,3 +97,24 @@ def log_file_on_rank_zero_only() -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
+
+
+def prepare_job(cfg, hydra_cfg) -> bool:
+    """What every training-like entry point does first under Hydra (train.py, probe.py): a sweep job's
+    trainer is checked, and ``cfg.resume`` / ``cfg.resume_search_dir`` are set for this job (a job that
+    SLURM requeued continues from its last checkpoint; see :func:`resume_setting`). Returns whether the
+    run resumes."""
+    import logging
+    import os
+
+    from hydra.types import RunMode
+
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep:
+        check_sweep_job(cfg.trainer)
+    resume, search_dir = resume_setting(cfg.resume, cfg.resume_search_dir, hydra_cfg.runtime.output_dir, sweep)
+    if resume != cfg.resume:
+        logging.getLogger("imagetok").info("requeued by SLURM (restart %s): resume=last",
+                                           os.environ.get("SLURM_RESTART_COUNT"))
+    cfg.resume, cfg.resume_search_dir = resume, search_dir
+    return bool(resume)

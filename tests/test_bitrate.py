@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONFIGS
 from imagetok import Tokenizer
-from imagetok.evaluation.bitrate import bits_per_pixel_of_prefixes, token_bitrate
+from imagetok.evaluation.bitrate import token_bitrate
 from imagetok.training.run import tokenizer_config
 
 
@@ -39,7 +39,6 @@ def test_bits_per_pixel_of_known_grids():
     assert token_bitrate((16, 16, 1), [16384], 256)["bits_per_pixel"] == 256 * 14 / 65536
     # exact log2, not whole bits: an FSQ code of 8*5*5*5 = 1000 levels carries 9.97 bits
     assert token_bitrate((8, 8, 1), [1000], 32)["bits_per_pixel"] == pytest.approx(64 * math.log2(1000) / 1024, rel=1e-15)
-    assert bits_per_pixel_of_prefixes([1, 4], [4096], 16) == {"1": 12 / 256, "4": 48 / 256}
     with pytest.raises(ValueError, match="2 sub-tokens per position but 1 codebook sizes"):
         token_bitrate((8, 8, 2), [1024], 32)
 
@@ -85,3 +84,23 @@ def test_evaluate_gives_bits_per_pixel_at_every_prefix_of_a_variable_length_toke
     assert metrics["bits_per_pixel_vs_tokens"]["2"] == pytest.approx(2 * per_token / 256, rel=1e-15)
     assert metrics["bits_per_pixel_vs_tokens"]["8"] == metrics["bits_per_pixel"]
     assert f"| PSNR, first 2 tokens (dB) | {metrics['psnr_vs_tokens']['2']:.2f} at {2 * per_token / 256:.4f} bpp |" in summary
+
+
+@pytest.mark.parametrize("recipe,tokens,scales", [("cpu_rq", [64, 128, 192, 256], None),
+                                                  ("cpu_var", [1, 5, 14, 30, 66, 130], [1, 2, 3, 4, 6, 8])])
+def test_evaluate_gives_quality_at_every_depth_of_residual_and_every_scale_of_multiscale_tokens(tmp_path, recipe,
+                                                                                                 tokens, scales):
+    """Residual VQ decodes its first d levels, VAR its first m scales: PSNR and bits per pixel of each
+    prefix, keyed by the sub-tokens it keeps; all of them is exactly the full reconstruction."""
+    tok = _tokenizer([f"experiment={recipe}", *NARROW])
+    metrics, summary = _evaluate(tok, tmp_path, [])
+    assert list(metrics["psnr_vs_tokens"]) == list(metrics["bits_per_pixel_vs_tokens"]) == [str(t) for t in tokens]
+    assert metrics["psnr_vs_tokens"][str(tokens[-1])] == metrics["psnr"]
+    assert metrics["bits_per_pixel_vs_tokens"][str(tokens[-1])] == pytest.approx(metrics["bits_per_pixel"], rel=1e-12)
+    kinds = {p["kind"] for p in metrics["prefixes"]}
+    assert kinds == {"depth" if scales is None else "scales"}
+    assert [p["n"] for p in metrics["prefixes"]] == list(range(1, len(tokens) + 1))
+    label = metrics["prefixes"][1]["label"]
+    assert label == ("first 2 of 4 levels (128 tokens)" if scales is None else "first 2 of 6 scales (5 tokens)")
+    assert f"| PSNR, {label} (dB) |" in summary
+    assert (tmp_path / "eval" / "psnr_vs_tokens.png").stat().st_size > 0

@@ -42,10 +42,3 @@ def token_bitrate(token_shape: Sequence[int], codebook_sizes: Sequence[int], ima
         raise ValueError(f"{sub_tokens} sub-tokens per position but {len(codebook_sizes)} codebook sizes")
     return {"tokens_per_image": positions, "sub_tokens_per_token": sub_tokens,
             "bits_per_pixel": positions * bits_per_token(codebook_sizes) / image_size**2}
-
-
-def bits_per_pixel_of_prefixes(prefixes: Sequence[int], codebook_sizes: Sequence[int], image_size: int) -> dict[str, float]:
-    """For a 1D tokenizer decoded from its first ``k`` tokens: ``{str(k): bits per pixel}`` (keys as in
-    ``psnr_vs_tokens``)."""
-    per_token = bits_per_token(codebook_sizes)
-    return {str(k): k * per_token / image_size**2 for k in prefixes}

@@ -51,8 +51,10 @@ def plot_rank_frequency(per_codebook: list[CodeCounts], exponents: list[float], 
     plt.close(fig)
 
 
-def plot_psnr_vs_tokens(psnr_by_count: dict[str, float], full_psnr: float | None, path: str | Path) -> None:
-    """Held-out PSNR against the number of 1D tokens decoded (``{"k": dB}``), log2 token axis."""
+def plot_psnr_vs_tokens(psnr_by_count: dict[str, float], full_psnr: float | None, path: str | Path,
+                        kind: str = "tokens") -> None:
+    """Held-out PSNR against the sub-tokens a prefix keeps per image (``{"count": dB}``), log2 axis;
+    ``kind``: what the prefixes cut (``tokens``, residual ``depth`` or ``scales``), for the axis label."""
     counts = sorted(int(k) for k in psnr_by_count)
     values = [psnr_by_count[str(k)] for k in counts]
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -64,7 +66,9 @@ def plot_psnr_vs_tokens(psnr_by_count: dict[str, float], full_psnr: float | None
         ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_xticks(counts, [str(k) for k in counts])
-    ax.set_xlabel("tokens decoded (first k of the sequence)")
+    ax.set_xlabel({"tokens": "tokens decoded (first k of the sequence)",
+                   "depth": "tokens decoded (positions x residual levels kept)",
+                   "scales": "tokens decoded (first scales of the coarse-to-fine sequence)"}[kind])
     ax.set_ylabel("PSNR (dB)")
     ax.set_title("reconstruction quality against number of tokens")
     fig.tight_layout()

@@ -28,6 +28,7 @@ from imagetok.errors import ConfigValueError
 from imagetok.evaluation.codebook import CodebookUsage
 from imagetok.evaluation.fid import FeatureStatistics, frechet_distance, load_reference
 from imagetok.evaluation.inception import InceptionFeatures
+from imagetok.evaluation.prefixes import TokenPrefix
 from imagetok.evaluation.token_language import DEFAULT_MAX_IMAGES, PROTOCOL, language_statistics
 from imagetok.evaluation.token_sample import TokenSample
 from imagetok.evaluation.tokens import token_statistics
@@ -101,13 +102,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: DictConfig, networks: MetricNetworks,
-                       *, device: torch.device, prefixes: Sequence[int] = (), keep: Sequence[int] = range(8),
+                       *, device: torch.device, prefixes: Sequence[TokenPrefix] = (), keep: Sequence[int] = range(8),
                        expected: int | None = None, real_statistics: FeatureStatistics | None = None,
                        desc: str = "evaluate", show_progress: bool = True, data_target: str = "data") -> TokenizerEvaluation:
     """Reconstruct every batch of ``images`` (``[B, 3, H, W]`` float in [-1, 1]) with ``tokenizer`` (eval
     mode, on ``device``) and compute the metrics of ``e`` (the ``eval`` config).
 
-    ``prefixes``: token counts ``k`` at which to also measure the PSNR of ``decode(ids[:, :k])``.
+    ``prefixes``: prefixes of the tokens (:mod:`imagetok.evaluation.prefixes`) whose decodes' PSNR is
+    also measured, keyed by the sub-tokens each keeps.
     ``keep``: positions (in the order this process reads them) of the images whose originals and
     reconstructions are returned. ``real_statistics``: the originals' Inception statistics from an
     earlier pass over the same images (their features are then not computed again). Under
@@ -122,7 +124,7 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
     usage = CodebookUsage(tokenizer.codebook_sizes).to(device)
     max_language_images = token_language_images(e)
     sample = TokenSample(max_language_images, tokenizer.codebook_sizes) if max_language_images != 0 else None
-    prefix_psnr = {k: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for k in prefixes}
+    prefix_psnr = {p: PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(device) for p in prefixes}
     keep = sorted(set(keep))
     kept_real: list[torch.Tensor] = []
     kept_fake: list[torch.Tensor] = []
@@ -155,8 +157,8 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
             usage.update(quant.indices)
             if sample is not None:
                 sample.update(quant.indices)
-            for k, metric in prefix_psnr.items():  # the first k tokens alone, as a variable-length decoder takes them
-                metric.update(_to_unit(tokenizer.decode(quant.indices[:, :k]), e.round_to_uint8), real)
+            for prefix, metric in prefix_psnr.items():  # the prefix alone, as a decoder of fewer tokens takes it
+                metric.update(_to_unit(tokenizer.decode(prefix.take(quant.indices)), e.round_to_uint8), real)
             chosen = [i - seen for i in keep if seen <= i < seen + batch.shape[0]]
             if chosen:
                 kept_real.append(batch[chosen].cpu())
@@ -201,7 +203,7 @@ def evaluate_tokenizer(tokenizer: Tokenizer, images: Iterable[torch.Tensor], e: 
             reference = f"statistics file {e.fid_reference}"
         metrics["fid"] = frechet_distance(mu_ref, sigma_ref, mu_fake, sigma_fake)
     if prefix_psnr:
-        metrics["psnr_vs_tokens"] = {str(k): float(metric.compute()) for k, metric in prefix_psnr.items()}
+        metrics["psnr_vs_tokens"] = {str(p.tokens): float(metric.compute()) for p, metric in prefix_psnr.items()}
     token_stats = [token_statistics(c.counts, c.codebook_size) for c in per_codebook]
     if "tokens" in wanted:
         metrics["tokens"] = token_stats
@@ -247,6 +249,8 @@ def evaluation_protocol(e: DictConfig, split: str, crop: str | None, networks: M
         "token_language": (f"{PROTOCOL}; the split's first {token_language_images(e)} images at most "
                            "(eval.token_language_max_images; null: every image)"
                            if "tokens" in networks.wanted and token_language_images(e) != 0 else None),
-        "psnr_vs_tokens": ("PSNR as above of decode(encode(x)[:, :k]): the first k tokens of each 1D sequence"
+        "psnr_vs_tokens": ("PSNR as above of the decode of a prefix of encode(x), keyed by the sub-tokens kept per "
+                           "image: the first k tokens of a 1D sequence (ids[:, :k]), the first d residual levels "
+                           "(ids[..., :d]) or the first m scales of a multi-scale sequence"
                            if prefix_psnr else None),
         "versions": library_versions(), "seed": seed}

@@ -20,8 +20,9 @@ from torchvision.utils import save_image
 from imagetok.data.inference import InferenceImages
 from imagetok.errors import ConfigValueError, check
 from imagetok.evaluation.bitrate import DEFINITION as BITS_PER_PIXEL
-from imagetok.evaluation.bitrate import bits_per_pixel_of_prefixes, token_bitrate
+from imagetok.evaluation.bitrate import token_bitrate
 from imagetok.evaluation.fid import save_reference
+from imagetok.evaluation.prefixes import token_prefixes
 from imagetok.evaluation.plots import plot_psnr_vs_tokens, plot_rank_frequency, plot_usage_histograms
 from imagetok.evaluation.reconstruction import build_metric_networks, evaluate_tokenizer, evaluation_protocol
 from imagetok.evaluation.token_language import token_language_rows
@@ -140,17 +141,20 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.checkpoint, e.weights).to(device)
     data_cfg, datamodule, images_of_rank = evaluation_images(cfg, rank, world)
     networks = build_metric_networks(e, device, images_of_rank.total)  # total: over all ranks (None: unknown)
-    prefixes = prefix_lengths(tokenizer, e.get("num_tokens"))
+    size = datamodule.image_size
+    counts = prefix_lengths(tokenizer, e.get("num_tokens"))
+    off = e.get("num_tokens") is not None and not counts  # eval.num_tokens=[]: no prefixes of any family
+    prefixes = [] if off else token_prefixes(tokenizer, size, counts)
     run = evaluate_tokenizer(tokenizer, images_of_rank, e, networks, device=device, prefixes=prefixes,
                              keep=range(min(8, e.batch_size)), expected=images_of_rank.expected,
                              desc=f"evaluate (rank {rank}/{world})" if world > 1 else "evaluate",
                              show_progress=rank == 0, data_target=data_cfg._target_)
     seen = run.metrics["num_images"]
-    size = datamodule.image_size
     results = {"num_images": seen, **token_bitrate(tokenizer.token_shape(size), tokenizer.codebook_sizes, size),
                **run.metrics}
     if prefixes:
-        results["bits_per_pixel_vs_tokens"] = bits_per_pixel_of_prefixes(prefixes, tokenizer.codebook_sizes, size)
+        results["bits_per_pixel_vs_tokens"] = {str(p.tokens): p.bits / size**2 for p in prefixes}
+        results["prefixes"] = [p.to_dict() for p in prefixes]
     if "fid" in results and e.save_reference and rank == 0:
         mu_real, sigma_real = run.real_statistics.mean_and_covariance()
         save_reference(e.save_reference, mu_real, sigma_real, images=seen, data=OmegaConf.to_yaml(data_cfg),
@@ -174,7 +178,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     plot_rank_frequency(per_codebook, [s["zipf_exponent"] for s in token_stats], run_dir / "token_rank_frequency.png")
     written = ["metrics.json", "summary.md", "reconstructions.png", "codebook_usage.png", "token_rank_frequency.png"]
     if prefixes:
-        plot_psnr_vs_tokens(results["psnr_vs_tokens"], results.get("psnr"), run_dir / "psnr_vs_tokens.png")
+        plot_psnr_vs_tokens(results["psnr_vs_tokens"], results.get("psnr"), run_dir / "psnr_vs_tokens.png",
+                            prefixes[0].kind)
         written.append("psnr_vs_tokens.png")
     log.info("\n%s", summary_table(results))
     log.info("wrote %s", ", ".join(str(run_dir / n) for n in written))
@@ -199,8 +204,10 @@ def summary_table(results: dict[str, Any]) -> str:
                      f"entropy {s['entropy_bits']:.2f} bits, Zipf s={zipf}"))
     for k, s in enumerate(results.get("token_language", [])):
         rows.extend(token_language_rows(k, s))
-    for k, value in results.get("psnr_vs_tokens", {}).items():
-        rows.append((f"PSNR, first {k} tokens (dB)", f"{value:.2f} at {results['bits_per_pixel_vs_tokens'][k]:.4f} bpp"))
+    for prefix in results.get("prefixes", []):
+        k = str(prefix["tokens"])
+        rows.append((f"PSNR, {prefix['label']} (dB)",
+                     f"{results['psnr_vs_tokens'][k]:.2f} at {results['bits_per_pixel_vs_tokens'][k]:.4f} bpp"))
     rows.append(("weights", p["weights"]))
     rows.append(("crop", f"{p['crop']}, {p['image_size']} px"))
     if p["inception"]:

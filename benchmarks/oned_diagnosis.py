@@ -39,7 +39,9 @@ def held_out_images(checkpoint: str, num_images: int) -> torch.Tensor:
     """Validation crops ``[num_images, 3, S, S]`` in [-1, 1] from the checkpoint's own data config."""
     from hydra.utils import instantiate
 
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    from imagetok.export.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(checkpoint)  # weights_only=True: a checkpoint file runs no code
     data = dict(saved["hyper_parameters"]["config"]["data"])
     data["val_samples"] = num_images
     dataset = instantiate(data).val_dataset()

@@ -17,6 +17,7 @@ from imagetok.losses.diffaug import DiffAugment
 from imagetok.losses.discriminators.objectives import discriminator_loss, generator_adversarial_loss
 from imagetok.losses.perceptual import LPIPS
 from imagetok.losses.regularizers import LeCAM, r1_due, r1_penalty
+from imagetok.losses.proxy_codes import ProxyCodeLoss
 from imagetok.losses.repa import DecoderAlignment
 from imagetok.losses.semantic import SemanticAlignmentLoss
 from imagetok.quantizers.base import QuantizerOutput
@@ -49,6 +50,8 @@ class VQGANLoss(nn.Module):
         r1_every: lazy R1: every ``r1_every``-th discriminator step, scaled by ``r1_every``.
         repa: optional REPA decoder alignment; its projector trains with the generator
             (:meth:`generator_parameters`), it is attached to the decoder by ``training.run.build``.
+        proxy_codes: optional TiTok proxy-code cross-entropy (losses/proxy_codes.py) on a
+            ProxyCodeDecoder's code logits; built and attached to the decoder by ``training.run.build``.
     """
 
     def __init__(self, *, discriminator: nn.Module, reconstruction: Literal["l1", "l2"] = "l1",
@@ -58,7 +61,7 @@ class VQGANLoss(nn.Module):
                  adaptive_disc_weight: bool = True, disc_start: int = 0, quantizer_weight: float = 1.0,
                  semantic: SemanticAlignmentLoss | None = None, diffaug: list[str] | tuple[str, ...] = (),
                  lecam_weight: float = 0.0, lecam_decay: float = 0.99, r1_weight: float = 0.0, r1_every: int = 16,
-                 repa: DecoderAlignment | None = None) -> None:
+                 repa: DecoderAlignment | None = None, proxy_codes: ProxyCodeLoss | None = None) -> None:
         super().__init__()
         check(reconstruction in ("l1", "l2"), "reconstruction", reconstruction, "'l1' or 'l2'")
         check(gan_loss in ("hinge", "non_saturating"), "gan_loss", gan_loss, "'hinge' or 'non_saturating'")
@@ -87,6 +90,7 @@ class VQGANLoss(nn.Module):
         # Kept outside the module tree: frozen, so it stays out of checkpoints, EMA and DDP.
         self._perceptual = [perceptual] if perceptual is not None else []
         self._semantic = [semantic] if semantic is not None else []  # likewise for its teacher
+        self._proxy_codes = [proxy_codes] if proxy_codes is not None else []  # likewise
 
     @staticmethod
     def _build_perceptual(weight: float | None, path: str | None, random_backbone: bool) -> tuple[float, LPIPS | None]:
@@ -99,6 +103,10 @@ class VQGANLoss(nn.Module):
                 raise
             log.warning("Training without the perceptual (LPIPS) term: %s", err)
             return 0.0, None
+
+    def set_proxy_codes(self, proxy_codes: ProxyCodeLoss) -> None:
+        """Use ``proxy_codes`` (built by ``training.run.build``, which loads its teacher once)."""
+        self._proxy_codes = [proxy_codes]
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """Parameters of the loss that train with the tokenizer (the REPA projector)."""
@@ -146,6 +154,10 @@ class VQGANLoss(nn.Module):
             repa, repa_logs = self.repa(images)
             others = others + repa
             logs.update(repa=repa.detach(), **repa_logs)
+        if self._proxy_codes:  # likewise: stage 1 of TiTok trains on these codes alone
+            proxy, proxy_logs = self._proxy_codes[0](images)
+            others = others + proxy
+            logs.update(proxy_logs)
         total = nll + others
         if self.discriminator_active(step):
             adversarial = generator_adversarial_loss(self.gan_loss, self.discriminator(self.diffaug(recon)).float())

@@ -81,6 +81,16 @@ class TokenizerTrainingModule(L.LightningModule):
         self.execution = {"compile": False, "channels_last": "auto", "activation_checkpointing": False,
                           **(execution or {})}
         self._channels_last = False  # set in setup()
+        self.frozen_parts: list[nn.Module] = []  # tokenizer parts under `freeze`, kept in eval mode
+
+    def train(self, mode: bool = True) -> "TokenizerTrainingModule":
+        """Frozen parts stay in eval mode whatever ``train()`` is asked (Lightning 2.6 restores each
+        submodule's own mode after validation), so that no EMA codebook update, k-means or dead-code
+        restart moves them."""
+        super().train(mode)
+        for part in self.frozen_parts:
+            part.eval()
+        return self
 
     def wrap_for_data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Give the tokenizer and the discriminator a data-parallel wrapper each (see training/strategy.py)."""

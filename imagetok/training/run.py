@@ -16,7 +16,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imagetok.errors import ConfigValueError, check
 from imagetok.tokenizer import Tokenizer
@@ -24,6 +24,8 @@ from imagetok.training.callbacks import (AtomicCheckpointIO, ReconstructionImage
                                          write_json_atomic)
 from imagetok.training.checks import check_resume_checkpoint, resolve_resume, validate_config
 from imagetok.training.cluster import cluster_plugins
+from imagetok.losses.proxy_codes import PROXY_DECODER, ProxyCodeLoss
+from imagetok.training.initial_weights import freeze_parts, load_initial_weights
 from imagetok.training.loggers import build_loggers
 from imagetok.training.module import TokenizerTrainingModule
 from imagetok.training.resume import StepCheckpoint, prune_step_checkpoints, remove_stale_temporaries, resume_config
@@ -80,10 +82,18 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
     validate_config(cfg)
     datamodule = instantiate_part(cfg.data, "data")
     # The tokenizer before the loss: a bad model value should not wait for LPIPS weights to be looked up.
+    proxy_codes = build_proxy_codes(cfg)  # completes cfg.decoder from its teacher
     tok_config = tokenizer_config(cfg)
     tokenizer = Tokenizer.from_config(tok_config)
     tokenizer.token_shape(cfg.data.image_size)  # a token layout that cannot hold this image size fails here
-    loss = instantiate_part(cfg.loss, "loss")
+    if proxy_codes is not None:
+        proxy_codes.load_teacher(tokenizer.decoder)
+    if cfg.get("init_from"):  # before the EMA copy is made, so that it starts from these weights too
+        count = load_initial_weights(tokenizer, cfg.init_from)
+        if rank_zero_only.rank == 0:
+            log.info("init_from: %d tokenizer tensors from %s", count, cfg.init_from)
+    frozen = freeze_parts(tokenizer, list(cfg.get("freeze") or []))
+    loss = instantiate_loss(cfg, proxy_codes)
     module = TokenizerTrainingModule(
         tok_config, loss, OmegaConf.to_container(cfg.optim, resolve=True),
         total_steps=cfg.trainer.max_steps, ema_decay=cfg.ema_decay,
@@ -93,7 +103,37 @@ def build(cfg: DictConfig) -> tuple[TokenizerTrainingModule, L.LightningDataModu
             raise ConfigValueError("loss.repa", "dinov2", "null for 1D token-sequence tokenizers (REPA aligns a "
                                    "decoder feature map on the token grid: CNN or ViT decoders)")
         loss.repa.attach(tokenizer.decoder, tuple(tokenizer.token_shape(cfg.data.image_size)[:2]))
+    module.frozen_parts = frozen
     return module, datamodule
+
+
+def instantiate_loss(cfg: DictConfig, proxy_codes: ProxyCodeLoss | None) -> Any:
+    """``cfg.loss``, with the proxy-code loss built by :func:`build_proxy_codes` (its teacher loads once)."""
+    if proxy_codes is None:
+        return instantiate_part(cfg.loss, "loss")
+    node = cfg.loss.proxy_codes
+    with open_dict(cfg):
+        cfg.loss.proxy_codes = None
+    try:
+        loss = instantiate_part(cfg.loss, "loss")
+    finally:
+        with open_dict(cfg):
+            cfg.loss.proxy_codes = node
+    loss.set_proxy_codes(proxy_codes)
+    return loss
+
+
+def build_proxy_codes(cfg: DictConfig) -> ProxyCodeLoss | None:
+    """TiTok's proxy codes (``decoder=proxy_codes``, ``loss/proxy_codes=teacher``): the loss, with its
+    teacher loaded, after it has filled ``cfg.decoder`` with the teacher's shape; None without them."""
+    if cfg.loss.get("proxy_codes") is None:
+        if cfg.decoder.get("_target_") == PROXY_DECODER:
+            raise ConfigValueError("loss.proxy_codes", None, "a teacher for decoder=proxy_codes: "
+                                   "loss/proxy_codes=teacher loss.proxy_codes.teacher=<grid tokenizer checkpoint>")
+        return None
+    proxy_codes = instantiate_part(cfg.loss.proxy_codes, "loss.proxy_codes")
+    proxy_codes.complete_decoder_config(cfg)
+    return proxy_codes
 
 
 def scale_learning_rates(module: TokenizerTrainingModule, cfg: DictConfig, trainer: L.Trainer) -> None:

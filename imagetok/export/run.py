@@ -27,8 +27,9 @@ def foreign_sources() -> list[str]:
 
 def converter_options(cfg: DictConfig) -> dict[str, Any]:
     """The export keys a converter may declare in its ``SourceFormat.options`` (``config=``: a source
-    project's own config file, ``weights=``: EMA or raw); each format receives only those it declares."""
-    return {"config": cfg.get("config"), "weights": cfg.weights}
+    project's own config file, ``weights=``: EMA or raw, ``checkpoint_path``: where the checkpoint was
+    read, for a converter that reads files next to it); each format receives only those it declares."""
+    return {"config": cfg.get("config"), "weights": cfg.weights, "checkpoint_path": Path(cfg.checkpoint)}
 
 
 def export_converted(cfg: DictConfig, source: str, checkpoint: Any) -> Path:

@@ -1,10 +1,12 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ), shared by the converter tests: the real parameter names and shapes,
-small widths."""
+VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ, diffusers' VQModel directories),
+shared by the converter tests: the real parameter names and shapes, small widths."""
 
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
 
@@ -189,3 +191,95 @@ def lfq_checkpoint() -> dict:
 def ibq_checkpoint(ema: bool = True) -> dict:
     state = taming_state()  # taming's nets and quant convs, 64 codes of 8 dims
     return {"state_dict": _with_ema(state) if ema else state}
+
+
+# --- diffusers VQModel: a directory as ModelMixin.save_pretrained writes it ------------------------------
+DIFFUSERS_SMALL = {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 6, "vq_embed_dim": 8,
+                   "num_vq_embeddings": 64, "norm_num_groups": 8, "mid_block_add_attention": True,
+                   "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}
+# MoVQ-style: spatial norms in the decoder, the quantized latent as wide as the encoder's
+DIFFUSERS_SPATIAL = {**DIFFUSERS_SMALL, "latent_channels": 4, "vq_embed_dim": 4, "norm_type": "spatial"}
+
+
+class DiffusersStateBuilder(StateBuilder):
+    """Random tensors under diffusers' names: ``conv_shortcut``, linear attention ``to_q/k/v/to_out.0``
+    with ``group_norm`` (or ``spatial_norm``), SpatialNorm's ``norm_layer/conv_y/conv_b``."""
+
+    def __init__(self, zq_channels: int | None = None) -> None:
+        super().__init__()
+        self.zq = zq_channels
+
+    def linear(self, name, cin, cout):
+        self.state[f"{name}.weight"] = self._rand(cout, cin, scale=(1 / cin) ** 0.5)
+        self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
+
+    def any_norm(self, name, c, spatial):
+        if not spatial:
+            return self.norm(name, c)
+        self.norm(f"{name}.norm_layer", c)
+        self.conv(f"{name}.conv_y", self.zq, c, 1), self.conv(f"{name}.conv_b", self.zq, c, 1)
+        self.state[f"{name}.conv_y.bias"] += 1  # a scale around 1, as a trained MoVQ's
+
+    def res(self, p, cin, cout, spatial=False):
+        self.any_norm(f"{p}.norm1", cin, spatial), self.conv(f"{p}.conv1", cin, cout)
+        self.any_norm(f"{p}.norm2", cout, spatial), self.conv(f"{p}.conv2", cout, cout)
+        if cin != cout:
+            self.conv(f"{p}.conv_shortcut", cin, cout, 1)
+
+    def attn(self, p, c, spatial=False):
+        self.any_norm(f"{p}.spatial_norm" if spatial else f"{p}.group_norm", c, spatial)
+        for n in ("to_q", "to_k", "to_v", "to_out.0"):
+            self.linear(f"{p}.{n}", c, c)
+
+
+def diffusers_vq_state(config: dict = DIFFUSERS_SMALL) -> dict[str, torch.Tensor]:
+    """A ``VQModel(**config)``'s tensors under diffusers' names (config keys as ``VQModel`` takes them)."""
+    widths, blocks = config["block_out_channels"], config["layers_per_block"]
+    latent, dim = config["latent_channels"], config.get("vq_embed_dim") or config["latent_channels"]
+    spatial, n = config.get("norm_type", "group") == "spatial", len(widths)
+    b = DiffusersStateBuilder(zq_channels=dim)
+    b.conv("encoder.conv_in", 3, widths[0])
+    out = widths[0]
+    for i, kind in enumerate(config["down_block_types"]):
+        for j in range(blocks):
+            b.res(f"encoder.down_blocks.{i}.resnets.{j}", out if j == 0 else widths[i], widths[i])
+            if kind.startswith("Attn"):
+                b.attn(f"encoder.down_blocks.{i}.attentions.{j}", widths[i])
+        out = widths[i]
+        if i != n - 1:
+            b.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", out, out)
+    for pre, cond in (("encoder", False), ("decoder", spatial)):
+        b.res(f"{pre}.mid_block.resnets.0", out, out, cond)
+        if config.get("mid_block_add_attention", True):
+            b.attn(f"{pre}.mid_block.attentions.0", out, cond)
+        b.res(f"{pre}.mid_block.resnets.1", out, out, cond)
+    b.norm("encoder.conv_norm_out", out), b.conv("encoder.conv_out", out, latent)
+    b.conv("quant_conv", latent, dim, 1), b.conv("post_quant_conv", dim, latent, 1)
+    b.state["quantize.embedding.weight"] = b._rand(config["num_vq_embeddings"], dim, scale=0.3)
+    b.conv("decoder.conv_in", latent, widths[-1])
+    for k, kind in enumerate(config["up_block_types"]):  # lowest resolution first
+        width = widths[n - 1 - k]
+        for j in range(blocks + 1):
+            b.res(f"decoder.up_blocks.{k}.resnets.{j}", out if j == 0 else width, width, spatial)
+            if kind.startswith("Attn"):
+                b.attn(f"decoder.up_blocks.{k}.attentions.{j}", width, spatial)
+        out = width
+        if k != n - 1:
+            b.conv(f"decoder.up_blocks.{k}.upsamplers.0.conv", out, out)
+    b.any_norm("decoder.conv_norm_out", out, spatial), b.conv("decoder.conv_out", out, 3)
+    return b.state
+
+
+def diffusers_vq_directory(path: Path, config: dict = DIFFUSERS_SMALL, **overrides) -> Path:
+    """``path`` made a diffusers model directory: ``config.json`` (with ``_class_name``, as
+    ``save_pretrained`` writes it; ``overrides`` change only the file) + ``diffusion_pytorch_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    written = {"_class_name": "VQModel", "_diffusers_version": "0.42.1", "act_fn": "silu", "in_channels": 3,
+               "out_channels": 3, "norm_type": "group", "scaling_factor": 0.18215, "force_upcast": False,
+               "lookup_from_codebook": False, "sample_size": 32, **config, **overrides}
+    (path / "config.json").write_text(json.dumps(written, indent=2))
+    save_file(diffusers_vq_state(config), path / "diffusion_pytorch_model.safetensors")
+    return path

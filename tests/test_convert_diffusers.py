@@ -6,7 +6,6 @@ itself is not needed; the last test also checks against it when it is installed.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -15,8 +14,8 @@ import torch.nn.functional as F
 
 from foreign_checkpoints import DIFFUSERS_SMALL, DIFFUSERS_SPATIAL, diffusers_vq_directory, diffusers_vq_state
 from imagetok import Tokenizer
-from imagetok.errors import ConfigValueError
-from imagetok.export.converters import convert_diffusers, load_original_checkpoint
+from imagetok.errors import CheckpointError, ConfigValueError
+from imagetok.export.converters import convert_checkpoint, convert_diffusers, load_original_checkpoint
 from test_cli_errors import _error_lines, _run_in_process
 
 CONFIGS = {"group": DIFFUSERS_SMALL, "spatial": DIFFUSERS_SPATIAL}
@@ -150,13 +149,21 @@ def test_the_weights_file_alone_converts_with_its_config_json_beside_it_or_defau
     ({"norm_num_groups": 12}, "config.json norm_num_groups=12 does not divide every width [32, 64]"),
     ({"layers_per_block": 2}, "config.json layers_per_block=2 does not fit the tensors (1)"),
 ])
-def test_a_config_value_imagetok_cannot_match_is_one_line(tmp_path, monkeypatch, capsys, override, message):
+def test_a_config_value_imagetok_cannot_match_is_refused_naming_it(tmp_path, override, message):
     directory = diffusers_vq_directory(tmp_path / "vq", DIFFUSERS_SMALL, **override)
-    output = _run_in_process(monkeypatch, capsys, "export", ["from=diffusers", f"checkpoint={directory}",
+    with pytest.raises(CheckpointError) as refused:
+        convert_checkpoint("diffusers", load_original_checkpoint(directory), directory, checkpoint_path=directory)
+    assert str(refused.value) == f"{directory} (diffusers): {message}"
+
+
+def test_an_unsupported_config_value_through_the_cli_is_one_error_line(tmp_path, monkeypatch, capsys):
+    directory = diffusers_vq_directory(tmp_path / "vq", DIFFUSERS_SPATIAL, act_fn="mish")
+    output = _run_in_process(monkeypatch, capsys, "export", ["from=auto", f"checkpoint={directory}",
                                                               f"out={tmp_path / 'out'}"])
     (line,) = _error_lines(output)
-    assert line.endswith(f"error: {directory} (diffusers): {message}") and "Traceback" not in output
-    assert json.loads((directory / "config.json").read_text())  # the refusal left the source alone
+    assert line.endswith(f"error: {directory} (diffusers): config.json act_fn='mish' is not supported: "
+                         "imagetok converts 'silu', 'swish'")
+    assert "Traceback" not in output and not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_a_spatial_decoder_needs_a_condition_as_wide_as_the_quantized_latent():

@@ -249,6 +249,6 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
     return tokenizer.eval()
 
 
-register(SourceFormat("diffusers", f"a VQModel directory (config.json + diffusion_pytorch_model.safetensors) or "
-                                   f"its weights, with {', '.join(k + '*' if k.endswith('.') else k for k in LAYOUT.required)}",
+register(SourceFormat("diffusers", f"a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) "
+                                   f"or its weights file, with {', '.join(k + '*' if k.endswith('.') else k for k in LAYOUT.required)}",
                       looks_like_diffusers_vq, convert_diffusers, options=("config", "checkpoint_path")))

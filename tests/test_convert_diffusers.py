@@ -6,6 +6,7 @@ itself is not needed; the last test also checks against it when it is installed.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -191,3 +192,18 @@ def test_against_diffusers_itself_when_installed(tmp_path, kind):
     idx = tok.encode(images)
     assert torch.equal(idx.reshape(-1), flat)
     torch.testing.assert_close(tok.decode(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bin_file_with_the_older_attention_names_converts_the_same(tmp_path):
+    """diffusers' ``.bin`` weights and its pre-0.14 attention names (``query/key/value/proj_attn``)."""
+    modern = _converted(tmp_path, "spatial")
+    old = {re.sub(r"\.to_(q|k|v)\.", lambda m: "." + {"q": "query", "k": "key", "v": "value"}[m.group(1)] + ".", k)
+           .replace(".to_out.0.", ".proj_attn."): v for k, v in diffusers_vq_state(DIFFUSERS_SPATIAL).items()}
+    assert any(".proj_attn." in k for k in old)
+    directory = tmp_path / "old"
+    directory.mkdir()
+    shutil.copy(tmp_path / "spatial" / "config.json", directory / "config.json")
+    torch.save(old, directory / "diffusion_pytorch_model.bin")
+    tok = convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory)
+    assert tok.config == modern.config
+    assert all(torch.equal(v, modern.state_dict()[k]) for k, v in tok.state_dict().items())

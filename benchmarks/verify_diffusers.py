@@ -6,7 +6,10 @@ For each configuration (aMUSEd's VQ-GAN and Kandinsky's MoVQ as published, and s
 ``diffusers.VQModel`` is built with seeded random weights (every norm and bias perturbed, the codebook
 drawn from the model's own latents so that codes are used as in a trained model), saved with
 ``save_pretrained`` exactly as released (``config.json`` + ``diffusion_pytorch_model.safetensors``), and
-that directory is converted as ``python export.py from=auto checkpoint=<dir>`` does. Both then encode the
+that directory is converted as ``python export.py from=auto checkpoint=<dir>`` does. The published
+ones sit in a pipeline directory as on the Hub (``model_index.json`` + ``vqvae/`` or ``movq/``), so the
+converter picks aMUSEd's [0, 1] pixel range itself; diffusers is fed the images in that range and its
+output mapped back to [-1, 1] for the comparison (Tokenizer.encode/decode take and give [-1, 1]). Both then encode the
 same random images: diffusers' ``encode`` -> ``quantize`` indices against ``Tokenizer.encode``, and
 diffusers' ``decode`` of its own codes (``force_not_quantize=True``; indices when
 ``lookup_from_codebook``) against ``Tokenizer.decode`` of the same indices, in float32 and with both
@@ -48,9 +51,13 @@ SMALL_GROUP = {"block_out_channels": [32, 64], "down_block_types": ["DownEncoder
 SMALL_SPATIAL = {"block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 2 + ["AttnDownEncoderBlock2D"],
                  "up_block_types": ["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
                  "latent_channels": 4, "vq_embed_dim": 4, "num_vq_embeddings": 512, "norm_type": "spatial"}
-CONFIGS = {"small group norm (2 levels, attention, 8 groups)": SMALL_GROUP,
-           "small spatial norm (3 levels, attention)": SMALL_SPATIAL,
-           "aMUSEd VQ-GAN (amused-256/512 vqvae)": AMUSED, "MoVQ (Kandinsky 2.2/3 movq)": MOVQ}
+# name -> (VQModel config, the pipeline it is published in: its model_index.json _class_name and subfolder)
+CONFIGS = {"small group norm (2 levels, attention, 8 groups)": (SMALL_GROUP, None),
+           "small spatial norm (3 levels, attention)": (SMALL_SPATIAL, None),
+           "aMUSEd VQ-GAN (amused-256/512 vqvae)": (AMUSED, ("AmusedPipeline", "vqvae")),
+           "MoVQ (Kandinsky 2.2/3 movq)": (MOVQ, ("KandinskyV22Pipeline", "movq"))}
+# the image range each pipeline feeds its VQModel (aMUSEd: VaeImageProcessor(do_normalize=False), decode clipped to [0, 1])
+PIXEL_RANGE = {"AmusedPipeline": (0.0, 1.0)}
 
 
 @torch.no_grad()
@@ -85,25 +92,32 @@ def _diffusers_codes(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def verify(name: str, config: dict, size: int, batch: int, seed: int = 0) -> dict:
+def verify(name: str, config: dict, pipeline: tuple[str, str] | None, size: int, batch: int, seed: int = 0) -> dict:
     from diffusers import VQModel
 
     torch.manual_seed(seed)
     model = VQModel(**config).eval()
-    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1
-    _randomize(model, torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 2)) * 2 - 1, seed)
+    low, high = PIXEL_RANGE.get(pipeline[0] if pipeline else "", (-1.0, 1.0))
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1  # imagetok's [-1, 1]
+    _randomize(model, torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(seed + 2)) * (high - low) + low, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
         path = Path(tmp)
+        if pipeline:  # as on the Hub: <repo>/model_index.json and the VQModel in its subfolder
+            (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline[0], pipeline[1]: ["diffusers", "VQModel"]}))
+            path = path / pipeline[1]
+        model.save_pretrained(path)
         checkpoint = load_original_checkpoint(path)
         found = detect_format(checkpoint, path, checkpoint_path=path).name
         tok = convert_checkpoint(found, checkpoint, path, checkpoint_path=path)
         files = sorted(p.name for p in path.iterdir())
-    row = {"configuration": name, "detected": found, "files": files, "images": f"{batch}x{size}px"}
+    row = {"configuration": name, "detected": found, "files": files, "images": f"{batch}x{size}px",
+           "pixel_range": tok.config["encoder"].get("pixel_range", [-1.0, 1.0])}
     for dtype in (torch.float32, torch.float64):
         model.to(dtype), tok.to(dtype)
         x = images.to(dtype)
-        ref_idx, ref_img = _diffusers_codes(model, x)
+        # diffusers sees the images in its pipeline's range, and its decode is compared back in ours
+        ref_idx, ref_img = _diffusers_codes(model, low + (x + 1) * ((high - low) / 2))
+        ref_img = (ref_img - low) * (2 / (high - low)) - 1
         idx = tok.encode(x)
         if dtype == torch.float32:
             ours = tok.decode(ref_idx[..., None])
@@ -130,12 +144,13 @@ def main() -> None:
     except ImportError:
         print("skipped: diffusers is not installed (pip install diffusers)")
         return
+    diffusers.utils.logging.set_verbosity_error()  # its float32-modules notice on every .to(dtype)
     print(json.dumps({"diffusers": diffusers.__version__, "torch": torch.__version__}), flush=True)
-    for name, config in CONFIGS.items():
+    for name, (config, pipeline) in CONFIGS.items():
         if args.fast and not name.startswith("small"):
             continue
         size = 64 if name.startswith("small") else args.size
-        print(json.dumps(verify(name, config, size, args.batch)), flush=True)
+        print(json.dumps(verify(name, config, pipeline, size, args.batch)), flush=True)
 
 
 if __name__ == "__main__":

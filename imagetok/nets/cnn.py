@@ -20,6 +20,16 @@ from imagetok.errors import check
 from imagetok.nets.blocks import Level, MidBlock, group_norm, make_norm
 
 
+IMAGETOK_RANGE = (-1.0, 1.0)  # the pixel range of images inside imagetok (see imagetok/tokenizer.py)
+
+
+def _pixel_range(pixel_range: Sequence[float]) -> tuple[float, float]:
+    valid = (isinstance(pixel_range, (list, tuple)) and len(pixel_range) == 2
+             and all(isinstance(v, (int, float)) for v in pixel_range) and pixel_range[0] < pixel_range[1])
+    check(valid, "pixel_range", pixel_range, "[low, high] with low < high, e.g. [-1, 1] (imagetok's) or [0, 1]")
+    return float(pixel_range[0]), float(pixel_range[1])
+
+
 def _check_common(ch: int, ch_mult: Sequence[int], num_res_blocks: int, resolution: int, dropout: float,
                   norm_groups: int | None = None) -> None:
     check(isinstance(ch, int) and ch >= 1, "ch", ch, "a positive integer")
@@ -49,15 +59,17 @@ class Encoder(nn.Module):
         mid_attention: attention between the two middle residual blocks.
         norm_groups: groups of every GroupNorm; None: 32 where the width allows, else fewer (diffusers:
             ``norm_num_groups``, used as given).
+        pixel_range: the pixel range the weights expect; images arrive in imagetok's [-1, 1] and are
+            mapped linearly onto it first (aMUSEd's VQ-GAN works on [0, 1]). Default: no mapping.
     """
 
     def __init__(self, *, in_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), z_channels: int = 256,
                  dropout: float = 0.0, resolution: int = 256, mid_attention: bool = True,
-                 norm_groups: int | None = None) -> None:
+                 norm_groups: int | None = None, pixel_range: Sequence[float] = IMAGETOK_RANGE) -> None:
         super().__init__()
         _check_common(ch, ch_mult, num_res_blocks, resolution, dropout, norm_groups)
-        self.in_channels, self.z_channels = in_channels, z_channels
+        self.in_channels, self.z_channels, self.pixel_range = in_channels, z_channels, _pixel_range(pixel_range)
         self.downsample_factor = 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         widths = [ch * m for m in (1, *ch_mult)]
@@ -73,6 +85,9 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pixel_range != IMAGETOK_RANGE:
+            low, high = self.pixel_range
+            x = low + (x + 1) * ((high - low) / 2)  # [-1, 1] -> [low, high]
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
@@ -88,14 +103,17 @@ class Decoder(nn.Module):
     the quantized latent ``zq`` ``[B, condition_channels, h, w]`` (MoVQ; the latent before
     ``post_quant_conv``), and ``forward(z, zq)`` needs it (:class:`~imagetok.tokenizer.Tokenizer` passes it
     when :attr:`conditioned_on_quantized`). None (default): GroupNorm, ``forward(z)``.
+    ``pixel_range``: the range the weights produce, mapped back to imagetok's [-1, 1] (see :class:`Encoder`).
     """
 
     def __init__(self, *, out_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,), z_channels: int = 256,
                  dropout: float = 0.0, resolution: int = 256, mid_attention: bool = True,
-                 norm_groups: int | None = None, condition_channels: int | None = None) -> None:
+                 norm_groups: int | None = None, condition_channels: int | None = None,
+                 pixel_range: Sequence[float] = IMAGETOK_RANGE) -> None:
         super().__init__()
         _check_common(ch, ch_mult, num_res_blocks, resolution, dropout, norm_groups)
+        self.pixel_range = _pixel_range(pixel_range)
         check(condition_channels is None or (isinstance(condition_channels, int) and condition_channels >= 1),
               "condition_channels", condition_channels, "null or a positive integer (the quantized latent's channels)")
         self.out_channels, self.z_channels, self.condition_channels = out_channels, z_channels, condition_channels
@@ -131,4 +149,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z), *cond)
         for level in reversed(self.up):
             h = level(h, *cond)
-        return self.conv_out(F.silu(self.norm_out(h, *cond)))
+        out = self.conv_out(F.silu(self.norm_out(h, *cond)))
+        if self.pixel_range != IMAGETOK_RANGE:
+            low, high = self.pixel_range
+            out = (out - low) * (2 / (high - low)) - 1  # [low, high] -> [-1, 1]
+        return out

@@ -16,6 +16,12 @@ and ``act_fn``. With ``norm_type="spatial"`` (MoVQ) every decoder norm is a Spat
 whatever ``norm_num_groups`` says) conditioned on the quantized latent before ``post_quant_conv``:
 imagetok's ``Decoder(condition_channels=...)``.
 
+diffusers' ``VQModel`` has no notion of pixel range; its pipelines do. aMUSEd's works on [0, 1] images
+(its image processor does not normalise, its decode is clipped to [0, 1]); Kandinsky's MoVQ and the LDM
+VQ models on [-1, 1], imagetok's range. The nets' ``pixel_range`` maps between the two, chosen by the
+``pixel_range`` option or, by default, from the pipeline's ``model_index.json`` one directory up
+(``AmusedPipeline`` & co.: [0, 1]; anything else or none: [-1, 1]).
+
 ``VQModel.encode`` returns the latent before quantization; ``decode(h)`` quantizes it with the legacy
 ``VectorQuantizer`` (``cdist`` nearest code, no normalisation). So ``tok.encode`` gives the indices that
 quantizer picks and ``tok.decode(indices)`` the image diffusers decodes from those codes. Not used, as
@@ -51,7 +57,8 @@ SPATIAL_NORM_GROUPS = 32  # diffusers' SpatialNorm: fixed, not norm_num_groups
 SUPPORTED = {"act_fn": ("silu", "swish"), "norm_type": ("group", "spatial"), "_class_name": ("VQModel",)}
 
 
-def looks_like_diffusers_vq(checkpoint: Any, config: Any = None, checkpoint_path: Path | None = None) -> bool:
+def looks_like_diffusers_vq(checkpoint: Any, config: Any = None, checkpoint_path: Path | None = None,
+                            pixel_range: Any = None) -> bool:
     """Whether ``checkpoint`` holds a diffusers ``VQModel``'s tensors, from their names alone."""
     return LAYOUT.matches(checkpoint)
 
@@ -79,6 +86,28 @@ def read_model_config(config: str | Path | dict | None, checkpoint_path: Path | 
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} is not a diffusers model config (a JSON object)")
     return loaded
+
+
+def choose_pixel_range(pixel_range: Any, checkpoint_path: Path | None) -> list[float]:
+    """``pixel_range`` ([low, high]) if given, else [0, 1] for a ``vqvae`` of an aMUSEd pipeline (its
+    ``model_index.json`` one directory up), else [-1, 1]."""
+    if pixel_range is not None:
+        values = list(pixel_range) if isinstance(pixel_range, (list, tuple)) else None
+        if values not in ([0, 1], [-1, 1]):
+            raise CheckpointError(f"pixel_range={pixel_range!r} is invalid: allowed values are [0,1] (aMUSEd) or "
+                                  "[-1,1] (MoVQ, LDM), or null (from the pipeline's model_index.json)")
+        return [float(v) for v in values]
+    if checkpoint_path is not None:
+        directory = checkpoint_path if checkpoint_path.is_dir() else checkpoint_path.parent
+        index = directory.parent / "model_index.json"
+        try:
+            pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pipeline = ""
+        if str(pipeline).startswith("Amused"):
+            log.info("%s belongs to an %s: its VQ-GAN works on [0, 1] images (pixel_range=[0,1])", directory, pipeline)
+            return [0.0, 1.0]
+    return [-1.0, 1.0]
 
 
 def _check_supported(cfg: dict[str, Any]) -> None:
@@ -183,7 +212,7 @@ def _renamed(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch
 
 
 def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path | dict | None = None,
-                      checkpoint_path: Path | None = None) -> Tokenizer:
+                      checkpoint_path: Path | None = None, pixel_range: Any = None) -> Tokenizer:
     """A diffusers ``VQModel`` state dict -> :class:`Tokenizer` (eval mode): ``encode`` ``[B, 3, H, W]`` in
     [-1, 1] -> indices ``[B, H/f, W/f, 1]`` (``f = 2**(levels - 1)``) as ``VQModel``'s quantizer picks them,
     ``decode`` -> the unclamped image ``VQModel.decode`` makes from those codes.
@@ -193,6 +222,8 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
         config: the model's ``config.json`` (path or dict); default: the one in ``checkpoint_path``'s
             directory, else diffusers' defaults.
         checkpoint_path: the model directory or weights file the tensors came from.
+        pixel_range: the range the VQModel's images are in, ``[0, 1]`` or ``[-1, 1]``; default: see
+            :func:`choose_pixel_range`. Our ``encode`` / ``decode`` stay on imagetok's [-1, 1].
 
     Raises:
         CheckpointError: not a ``VQModel``, a config value imagetok cannot match (named), or tensors
@@ -202,6 +233,8 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
         raise CheckpointError(f"not a diffusers VQModel: expected {LAYOUT.describe()}")
     cfg = read_model_config(config, checkpoint_path)
     _check_supported(cfg)
+    pixels = choose_pixel_range(pixel_range, checkpoint_path)
+    ranges = {} if pixels == [-1.0, 1.0] else {"pixel_range": pixels}
     arch = _architecture(checkpoint)
     _check_config(cfg, arch)
     widths, n = arch["block_out_channels"], len(arch["block_out_channels"])
@@ -225,11 +258,11 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
 
     tok_config = {
         "encoder": {"_target_": "imagetok.nets.cnn.Encoder", "in_channels": arch["in_channels"], **common,
-                    "attn_resolutions": attention(arch["encoder_attention"]), "norm_groups": groups},
+                    "attn_resolutions": attention(arch["encoder_attention"]), "norm_groups": groups, **ranges},
         "decoder": {"_target_": "imagetok.nets.cnn.Decoder", "out_channels": arch["out_channels"], **common,
                     "attn_resolutions": attention(arch["decoder_attention"]),
                     "norm_groups": SPATIAL_NORM_GROUPS if spatial else groups,
-                    "condition_channels": arch["vq_embed_dim"] if spatial else None},
+                    "condition_channels": arch["vq_embed_dim"] if spatial else None, **ranges},
         "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": arch["vq_embed_dim"],
                       "codebook_size": arch["num_vq_embeddings"], "beta": 0.25, "l2_normalize": False},
     }
@@ -251,4 +284,4 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
 
 register(SourceFormat("diffusers", f"a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) "
                                    f"or its weights file, with {', '.join(k + '*' if k.endswith('.') else k for k in LAYOUT.required)}",
-                      looks_like_diffusers_vq, convert_diffusers, options=("config", "checkpoint_path")))
+                      looks_like_diffusers_vq, convert_diffusers, options=("config", "checkpoint_path", "pixel_range")))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from foreign_checkpoints import DIFFUSERS_SMALL, DIFFUSERS_SPATIAL, diffusers_vq
 from imagetok import Tokenizer
 from imagetok.errors import CheckpointError, ConfigValueError
 from imagetok.export.converters import convert_checkpoint, convert_diffusers, load_original_checkpoint
-from test_cli_errors import _error_lines, _run_in_process
+from test_cli_errors import _entry_points, _error_lines, _run_in_process
 
 CONFIGS = {"group": DIFFUSERS_SMALL, "spatial": DIFFUSERS_SPATIAL}
 
@@ -157,14 +158,26 @@ def test_a_config_value_imagetok_cannot_match_is_refused_naming_it(tmp_path, ove
     assert str(refused.value) == f"{directory} (diffusers): {message}"
 
 
-def test_an_unsupported_config_value_through_the_cli_is_one_error_line(tmp_path, monkeypatch, capsys):
-    directory = diffusers_vq_directory(tmp_path / "vq", DIFFUSERS_SPATIAL, act_fn="mish")
+@pytest.mark.parametrize("override,extra,message", [
+    ({"act_fn": "mish"}, [], "config.json act_fn='mish' is not supported: imagetok converts 'silu', 'swish'"),
+    ({}, ["pixel_range=[0,255]"], "pixel_range=[0, 255] is invalid: allowed values are [0,1] (aMUSEd) or [-1,1] "
+                                  "(MoVQ, LDM), or null (from the pipeline's model_index.json)"),
+])
+def test_an_unsupported_value_through_the_cli_is_one_error_line(tmp_path, monkeypatch, capsys, override, extra, message):
+    directory = diffusers_vq_directory(tmp_path / "vq", DIFFUSERS_SPATIAL, **override)
     output = _run_in_process(monkeypatch, capsys, "export", ["from=auto", f"checkpoint={directory}",
-                                                              f"out={tmp_path / 'out'}"])
+                                                              f"out={tmp_path / 'out'}", *extra])
     (line,) = _error_lines(output)
-    assert line.endswith(f"error: {directory} (diffusers): config.json act_fn='mish' is not supported: "
-                         "imagetok converts 'silu', 'swish'")
+    assert line.endswith(f"error: {directory} (diffusers): {message}")
     assert "Traceback" not in output and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_cli_takes_a_pixel_range(tmp_path, monkeypatch):
+    directory = diffusers_vq_directory(tmp_path / "vq", DIFFUSERS_SMALL)
+    monkeypatch.setattr(sys, "argv", ["export", "from=diffusers", f"checkpoint={directory}", f"out={tmp_path / 'out'}",
+                                      "pixel_range=[0,1]"])
+    _entry_points()["export"]()
+    assert Tokenizer.from_pretrained(tmp_path / "out").config["decoder"]["pixel_range"] == [0.0, 1.0]
 
 
 def test_a_spatial_decoder_needs_a_condition_as_wide_as_the_quantized_latent():
@@ -207,3 +220,22 @@ def test_a_bin_file_with_the_older_attention_names_converts_the_same(tmp_path):
     tok = convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory)
     assert tok.config == modern.config
     assert all(torch.equal(v, modern.state_dict()[k]) for k, v in tok.state_dict().items())
+
+
+def test_an_amused_pipelines_vqvae_gets_its_0_1_pixel_range_and_stays_on_imagetoks_range(tmp_path):
+    """aMUSEd feeds its VQ-GAN [0, 1] images (no normalisation) and clips its decode to [0, 1]: found from
+    the pipeline's model_index.json one directory up; Tokenizer.encode/decode still take and give [-1, 1]."""
+    (tmp_path / "amused").mkdir()
+    (tmp_path / "amused" / "model_index.json").write_text('{"_class_name": "AmusedPipeline", "vqvae": ["diffusers", "VQModel"]}')
+    directory = diffusers_vq_directory(tmp_path / "amused" / "vqvae", DIFFUSERS_SMALL)
+    tok = convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory)
+    assert tok.config["encoder"]["pixel_range"] == tok.config["decoder"]["pixel_range"] == [0.0, 1.0]
+    images = _images()
+    ref_idx, ref_images = reference(diffusers_vq_state(DIFFUSERS_SMALL), (images + 1) * 0.5, 8)
+    idx = tok.encode(images)
+    assert torch.equal(idx[..., 0], ref_idx)
+    torch.testing.assert_close(tok.decode(idx), ref_images * 2 - 1, atol=2e-5, rtol=1e-5)
+    told = convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory, pixel_range=[-1, 1])
+    assert "pixel_range" not in told.config["encoder"]  # imagetok's own range: no mapping at all
+    with pytest.raises(CheckpointError, match=r"pixel_range=\[0, 255\] is invalid: allowed values are \[0,1\]"):
+        convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory, pixel_range=[0, 255])

@@ -87,3 +87,18 @@ def test_the_movq_decoder_config_trains_with_norms_conditioned_on_the_quantized_
     tok.eval()
     with torch.no_grad():
         assert torch.equal(tok.decode(tok.encode(images)), tok(images)[0])
+
+
+def test_pixel_range_maps_imagetoks_images_onto_the_nets_range_and_back():
+    nets = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4, "resolution": 32}
+    torch.manual_seed(0)
+    plain, unit = Encoder(**nets), Encoder(**nets, pixel_range=[0, 1])
+    unit.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(unit(x), plain((x + 1) * 0.5))
+    decoder, unit_decoder = Decoder(**nets), Decoder(**nets, pixel_range=[0, 1])
+    unit_decoder.load_state_dict(decoder.state_dict())
+    z = torch.randn(1, 4, 16, 16)
+    assert torch.equal(unit_decoder(z), decoder(z) * 2 - 1)
+    with pytest.raises(ConfigValueError, match=r"pixel_range=\[1, 0\] is invalid: allowed values are \[low, high\]"):
+        Encoder(**nets, pixel_range=[1, 0])

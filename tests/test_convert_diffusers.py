@@ -239,3 +239,14 @@ def test_an_amused_pipelines_vqvae_gets_its_0_1_pixel_range_and_stays_on_imageto
     assert "pixel_range" not in told.config["encoder"]  # imagetok's own range: no mapping at all
     with pytest.raises(CheckpointError, match=r"pixel_range=\[0, 255\] is invalid: allowed values are \[0,1\]"):
         convert_diffusers(load_original_checkpoint(directory), checkpoint_path=directory, pixel_range=[0, 255])
+
+
+def test_a_pipeline_directory_is_refused_naming_its_vqmodel_folder(tmp_path):
+    (tmp_path / "amused").mkdir()
+    (tmp_path / "amused" / "model_index.json").write_text(
+        '{"_class_name": "AmusedPipeline", "vqvae": ["diffusers", "VQModel"], "transformer": ["diffusers", "UVit2DModel"]}')
+    diffusers_vq_directory(tmp_path / "amused" / "vqvae")
+    with pytest.raises(CheckpointError) as refused:
+        load_original_checkpoint(tmp_path / "amused")
+    assert str(refused.value) == (f"{tmp_path / 'amused'} is a diffusers pipeline, not one model: convert its VQModel "
+                                  f"folder: checkpoint={tmp_path / 'amused' / 'vqvae'}")

@@ -26,6 +26,20 @@ def diffusers_weights_file(directory: Path) -> Path | None:
     return next((directory / name for name in DIFFUSERS_WEIGHTS if (directory / name).is_file()), None)
 
 
+def _pipeline_hint(path: Path) -> str:
+    """Which subfolders of a diffusers pipeline directory hold a ``VQModel`` (from its ``model_index.json``)."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        index = {}
+    names = [name for name, value in index.items() if isinstance(value, list) and value[-1:] == ["VQModel"]]
+    if not names:
+        return "its model_index.json names no VQModel (imagetok converts diffusers' VQModel only)"
+    return "convert its VQModel folder: " + " or ".join(f"checkpoint={path / name}" for name in names)
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -63,6 +77,8 @@ def load_original_checkpoint(path: str | Path) -> Any:
         path = weights
     if path.suffix == ".safetensors" and path.is_file():
         return _read_safetensors(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path} is a diffusers pipeline, not one model: {_pipeline_hint(path)}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file (a save_pretrained directory is "
                               "exported already: load it with Tokenizer.from_pretrained)")

@@ -206,7 +206,7 @@ def test_against_diffusers_itself_when_installed(tmp_path, kind):
     idx = tok.encode(images)
     assert torch.equal(idx.reshape(-1), flat)
     torch.testing.assert_close(tok.decode(idx), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tok.decode_latents(tok.quant_conv(tok.encoder(images))), unquantized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tok.decode_latents(tok.quant_conv(tok.encoder(images))), unquantized, atol=1e-4, rtol=1e-4)
 
 
 def test_a_bin_file_with_the_older_attention_names_converts_the_same(tmp_path):

@@ -34,13 +34,16 @@ def load_original_checkpoint(path: str | Path) -> Any:
     classes are replaced by inert placeholders, so their code is never imported or run, and only the
     tensors are used. Globals that torch's safe unpickler blocks outright (``os.system``, ``eval``,
     ``subprocess``...) still refuse the file. Every failure is a :class:`CheckpointError` naming the
-    file (``FileNotFoundError`` for a missing one)."""
+    file (``FileNotFoundError`` for a missing one). A ``.safetensors`` file (what Hugging Face's
+    ``PyTorchModelHubMixin`` saves, e.g. TiTok's Hub repos) is read as its bare state dict."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file (a save_pretrained directory is "
                               "exported already: load it with Tokenizer.from_pretrained)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE as err:
@@ -60,3 +63,12 @@ def load_original_checkpoint(path: str | Path) -> Any:
     log.warning("%s: ignored pickled objects of %d foreign class(es) (%s); only its tensors are used",
                 path, len(foreign), ", ".join(foreign))
     return checkpoint
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({' '.join(str(err).split())})") from None

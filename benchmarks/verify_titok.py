@@ -14,6 +14,10 @@ random images: TiTok's ``encode(x)[1]["min_encoding_indices"]`` and ``decode_tok
 ``encode`` / ``decode``. TiTok's images are in [0, 1], ours in [-1, 1]: the original gets
 ``(x + 1) / 2`` and its output is compared as ``2 y - 1``.
 
+Last, MaskGIT-VQGAN's encoder, quantizer and decoder as TiTok's ``PretrainedTokenizer`` builds them
+(the frozen grid tokenizer whose codes TiTok's stage 1 predicts) against
+:mod:`imagetok.nets.maskgit_vqgan` with a ``vq`` codebook.
+
 Printed, one JSON line per configuration: index agreement and the largest decode difference in
 float32 and float64 (both models cast with ``.double()``; the codes looked up in float64 from the
 indices, since imagetok's lookup returns float32). Nothing of 1d-tokenizer is imported unless the
@@ -65,6 +69,11 @@ def _original(config, seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     model = TiTok(config).eval()
+    _randomize(model)
+    return model
+
+
+def _randomize(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and "embedding" not in name and "latent_tokens" not in name and "mask_token" not in name:
@@ -73,7 +82,6 @@ def _original(config, seed: int) -> torch.nn.Module:
                 p.normal_()
             elif p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def _reference(model, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +136,47 @@ def verify(source: Path, name: str, small: bool, batch: int, hub_format: bool) -
     return row
 
 
+def verify_maskgit_vqgan(batch: int, size: int) -> dict:
+    """MaskGIT-VQGAN as TiTok's ``PretrainedTokenizer`` builds it (the proxy-code targets of stage 1)
+    against :mod:`imagetok.nets.maskgit_vqgan` with a plain ``vq`` codebook: the same names, no converter."""
+    from omegaconf import OmegaConf
+
+    from imagetok import Tokenizer
+    from modeling.modules import maskgit_vqgan as original
+
+    conf = OmegaConf.create({"channel_mult": [1, 1, 2, 2, 4], "num_resolutions": 5, "dropout": 0.0, "hidden_channels": 128,
+                             "num_channels": 3, "num_res_blocks": 2, "resolution": 256, "z_channels": 256})
+    torch.manual_seed(0)
+    parts = torch.nn.ModuleDict({"encoder": original.Encoder(conf), "decoder": original.Decoder(conf),
+                                 "quantize": original.VectorQuantizer(1024, 256, 0.25)}).eval()
+    _randomize(parts)
+    net = {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "z_channels": 256, "unit_interval": True}
+    tok = Tokenizer.from_config({"encoder": {"_target_": "imagetok.nets.maskgit_vqgan.MaskGitEncoder", **net},
+                                 "decoder": {"_target_": "imagetok.nets.maskgit_vqgan.MaskGitDecoder", **net},
+                                 "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": 256,
+                                               "codebook_size": 1024}})
+    state = {("quantizer.codebook" if k == "quantize.embedding.weight" else k): v for k, v in parts.state_dict().items()}
+    for name in ("quant_conv", "post_quant_conv"):
+        state[f"{name}.weight"], state[f"{name}.bias"] = torch.eye(256)[:, :, None, None], torch.zeros(256)
+    tok.load_state_dict(state, strict=False)
+    tok.quantizer.initialized.fill_(True)
+    tok.eval()
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    row = {"config": "MaskGIT-VQGAN (PretrainedTokenizer's conf)", "image": f"{batch}x{size}px"}
+    for dtype in (torch.float32, torch.float64):
+        parts, tok, x = parts.to(dtype), tok.to(dtype), x.to(dtype)
+        with torch.no_grad():
+            _, ref_ids, _ = parts["quantize"](parts["encoder"]((x + 1) * 0.5))  # [B, h*w]
+            ref = parts["decoder"](parts["quantize"].get_codebook_entry(ref_ids.reshape(batch, size // 16, -1))) * 2 - 1
+            ids = tok.encode(x)
+            ours = tok.decode_latents(F.embedding(ids[..., 0], tok.quantizer.codebook).movedim(-1, 1))
+        suffix = "" if dtype == torch.float32 else "_float64"
+        row[f"tokens{suffix}"] = list(ids.shape[1:])
+        row[f"index_agreement{suffix}"] = float((ids.reshape(batch, -1) == ref_ids).float().mean())
+        row[f"max_decode_diff{suffix or '_float32'}"] = float((ours - ref).abs().max())
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--titok", type=Path, default=Path("/tmp/titok_src"), help="1d-tokenizer source tree")
@@ -145,6 +194,8 @@ def main() -> None:
     for name, small, batch, hub in cases:
         if args.only is None or name in args.only.split(","):
             print(json.dumps(verify(args.titok, name, small, batch, hub)), flush=True)
+    if args.only is None or "maskgit_vqgan" in args.only.split(","):
+        print(json.dumps(verify_maskgit_vqgan(batch=2, size=64)), flush=True)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ class TiTokDecoder(_TiTokBody):
         unit_interval: ``head="pixels"`` weights that produce [0, 1] (TiTok's releases): ``2 y - 1``.
     """
 
+    variable_length = False  # TiTok trains with every token: prefixes are not meant to decode
+
     def __init__(self, *, out_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
                  num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
                  num_latent_tokens: int = 32, head: str = "pixels", num_logits: int = 1024,
@@ -131,8 +133,6 @@ class TiTokDecoder(_TiTokBody):
         else:
             self.to_pixels = nn.Linear(width, patch_size * patch_size * out_channels)
             self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-
-    variable_length = False  # TiTok trains with every token: prefixes are not meant to decode
 
     @property
     def last_layer(self) -> torch.Tensor:

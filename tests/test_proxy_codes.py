@@ -17,7 +17,7 @@ def _config(train_codebook: bool = False, code_decoder: str = "latent_tokens") -
     vit = {"patch_size": 4, "width": 32, "depth": 1, "num_heads": 2, "z_channels": 4, "num_latent_tokens": TOKENS}
     code = ({"_target_": "imagetok.nets.latent_tokens.LatentTokenDecoder", **vit, "out_channels": V, "patch_size": 1,
              "resolution": 4} if code_decoder == "latent_tokens" else
-            {"_target_": "imagetok.nets.titok.TiTokDecoder", **{**vit, "width": 64, "num_heads": 1}, "resolution": 16,
+            {"_target_": "imagetok.nets.titok.TiTokDecoder", **vit, "width": 64, "num_heads": 1, "resolution": 16,
              "head": "logits", "num_logits": V})
     return {"encoder": {"_target_": "imagetok.nets.latent_tokens.LatentTokenEncoder", **vit, "resolution": 16},
             "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": 4, "codebook_size": 16},

@@ -175,9 +175,15 @@ def test_variants_imagetok_cannot_express_are_one_line(tmp_path, monkeypatch, ca
 def test_a_config_that_contradicts_the_tensors_is_one_line(tmp_path, monkeypatch, capsys):
     path, config = tmp_path / "titok.bin", tmp_path / "titok_l32.yaml"
     torch.save(titok_state("proxy"), path)
-    config.write_text("model:\n  vq_model:\n    codebook_size: 4096\n    use_l2_norm: true\n")
-    output = _run_in_process(monkeypatch, capsys, "export", ["from=titok", f"checkpoint={path}", f"config={config}",
-                                                             f"out={tmp_path / 'o'}"])
-    (line,) = _error_lines(output)
-    assert line.endswith(f"{path} (titok): the config's model.vq_model.codebook_size=4096 does not fit the "
-                         f"checkpoint's tensors ({TITOK['codes']})")
+    for text, says in (("model:\n  vq_model:\n    codebook_size: 4096\n    use_l2_norm: true\n",
+                        f"the config's model.vq_model.codebook_size=4096 does not fit the checkpoint's tensors ({TITOK['codes']})"),
+                       ("model:\n  vq_model:\n    vit_enc_model_size: large\n",
+                        "the config's model.vq_model.vit_enc_model_size='large' does not fit the checkpoint's 64-wide tensors"),
+                       ("model:\n  vq_model: {}\ndataset:\n  preprocessing:\n    crop_size: 256\n",
+                        "the config's dataset.preprocessing.crop_size=256 does not fit the checkpoint's position tables (16px images)"),
+                       ("experiment: {}\n", f"{config} is not a TiTok config: no model.vq_model")):
+        config.write_text(text)
+        output = _run_in_process(monkeypatch, capsys, "export", ["from=titok", f"checkpoint={path}", f"config={config}",
+                                                                 f"out={tmp_path / 'o'}"])
+        (line,) = _error_lines(output)
+        assert line.endswith(says)

@@ -50,6 +50,7 @@ LAYOUT = KeyLayout(containers=("state_dict", "model"),
                    required=("latent_tokens", "encoder.patch_embed.weight", "encoder.latent_token_positional_embedding",
                              "decoder.latent_token_positional_embedding"))
 HEAD_DIM = 64  # TiTok's small/base/large: 512/8, 768/12, 1024/16
+MODEL_WIDTHS = {"small": 512, "base": 768, "large": 1024}  # vit_{enc,dec}_model_size
 _BLOCK = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
           "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2"}
 
@@ -124,6 +125,21 @@ def _check_config(vq: dict[str, Any], implied: dict[str, Any]) -> None:
         if vq.get(key) is not None and vq[key] != value:
             raise CheckpointError(f"the config's model.vq_model.{key}={vq[key]!r} does not fit the checkpoint's "
                                   f"tensors ({value!r})")
+
+
+def _check_sizes(config: dict[str, Any] | None, built: dict[str, Any]) -> None:
+    """The config's model sizes and crop size against the widths and image size the tensors imply."""
+    if not config:
+        return
+    vq, decoder = _vq_model(config), built["decoder"].get("code_decoder", built["decoder"])
+    for key, part in (("vit_enc_model_size", built["encoder"]), ("vit_dec_model_size", decoder)):
+        if vq.get(key) is not None and MODEL_WIDTHS.get(vq[key]) != part["width"]:
+            raise CheckpointError(f"the config's model.vq_model.{key}={vq[key]!r} does not fit the checkpoint's "
+                                  f"{part['width']}-wide tensors")
+    crop = ((config.get("dataset") or {}).get("preprocessing") or {}).get("crop_size")
+    if crop is not None and crop != built["encoder"]["resolution"]:
+        raise CheckpointError(f"the config's dataset.preprocessing.crop_size={crop!r} does not fit the checkpoint's "
+                              f"position tables ({built['encoder']['resolution']}px images)")
 
 
 def _architecture(state: dict[str, torch.Tensor], vq: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +220,7 @@ def convert_titok(checkpoint: dict[str, Any], config: dict[str, Any] | None = No
     vq = _vq_model(config)
     _refuse_variants(state, vq)
     built = _architecture(state, vq)
+    _check_sizes(config, built)
     legacy = built["encoder"]["legacy_token_layout"]
     tensors = {}
     for key, value in state.items():
@@ -242,9 +259,8 @@ def load_titok_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable TiTok config ({type(err).__name__})") from None
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or not isinstance((config.get("model") or {}).get("vq_model"), dict):
         raise CheckpointError(f"{path} is not a TiTok config: no model.vq_model")
-    _vq_model(config)
     return config
 
 

@@ -124,7 +124,7 @@ def verify(source: Path, name: str, small: bool, batch: int, hub_format: bool) -
         ours = tok.decode(ids)
     row = {"config": f"{name}{' small (64x64, 32 tokens)' if small else ''}", "file": path.name,
            "image": f"{batch}x{size}px", "tokens": list(ids.shape[1:]), "codebook_sizes": tok.codebook_sizes,
-           "index_agreement": float((ids == ref_ids).float().mean()),
+           "index_agreement": float((ids == ref_ids).float().mean()), "distinct_codes": int(ids.unique().numel()),
            "max_decode_diff_float32": float((ours - ref).abs().max()), "recon_abs_max": float(ref.abs().max())}
     del ours, ref
     model, tok, x = model.double(), tok.double(), x.double()
@@ -173,6 +173,7 @@ def verify_maskgit_vqgan(batch: int, size: int) -> dict:
         suffix = "" if dtype == torch.float32 else "_float64"
         row[f"tokens{suffix}"] = list(ids.shape[1:])
         row[f"index_agreement{suffix}"] = float((ids.reshape(batch, -1) == ref_ids).float().mean())
+        row[f"distinct_codes{suffix}"] = int(ids.unique().numel())
         row[f"max_decode_diff{suffix or '_float32'}"] = float((ours - ref).abs().max())
     return row
 

@@ -1,6 +1,6 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ, diffusers' VQModel directories),
-shared by the converter tests: the real parameter names and shapes, small widths."""
+VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ, diffusers' VQModel directories,
+bytedance 1d-tokenizer's TiTok), shared by the converter tests: the real parameter names and shapes, small widths."""
 
 from __future__ import annotations
 
@@ -24,8 +24,13 @@ class StateBuilder:
     def _rand(self, *shape, scale=0.2):
         return torch.randn(*shape, generator=self.gen) * scale
 
-    def conv(self, name, cin, cout, k=3):
+    def conv(self, name, cin, cout, k=3, bias=True):
         self.state[f"{name}.weight"] = self._rand(cout, cin, k, k, scale=(1 / (cin * k * k)) ** 0.5)
+        if bias:
+            self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
+
+    def linear(self, name, cin, cout):
+        self.state[f"{name}.weight"] = self._rand(cout, cin, scale=cin**-0.5)
         self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
 
     def norm(self, name, c):
@@ -283,3 +288,73 @@ def diffusers_vq_directory(path: Path, config: dict = DIFFUSERS_SMALL, **overrid
     (path / "config.json").write_text(json.dumps(written, indent=2))
     save_file(diffusers_vq_state(config), path / "diffusion_pytorch_model.safetensors")
     return path
+
+
+# TiTok (bytedance/1d-tokenizer modeling/titok.py): widths multiples of TiTok's 64-wide heads, 16x16 images
+TITOK = {"width": 64, "depth": 2, "patch": 4, "resolution": 16, "tokens": 4, "token_size": 4, "codes": 16,
+         "pixel_codes": 16, "pixel_dim": 8, "pixel_ch": 32, "pixel_mult": [1, 2, 2]}
+
+
+def _titok_vit(b: StateBuilder, part: str, width: int, depth: int, grid: int, tokens: int) -> None:
+    """TiTokEncoder / TiTokDecoder's shared tensors: class token, positions, ln_pre/ln_post, CLIP blocks."""
+    scale = width**-0.5
+    b.state[f"{part}.class_embedding"] = b._rand(1, width, scale=scale)
+    b.state[f"{part}.positional_embedding"] = b._rand(grid * grid + 1, width, scale=scale)
+    b.state[f"{part}.latent_token_positional_embedding"] = b._rand(tokens, width, scale=scale)
+    b.norm(f"{part}.ln_pre", width), b.norm(f"{part}.ln_post", width)
+    for i in range(depth):
+        p = f"{part}.transformer.{i}"
+        b.norm(f"{p}.ln_1", width), b.norm(f"{p}.ln_2", width)
+        b.state[f"{p}.attn.in_proj_weight"] = b._rand(3 * width, width, scale=scale)
+        b.state[f"{p}.attn.in_proj_bias"] = b._rand(3 * width, scale=0.05)
+        b.linear(f"{p}.attn.out_proj", width, width)
+        b.linear(f"{p}.mlp.c_fc", width, 4 * width), b.linear(f"{p}.mlp.c_proj", 4 * width, width)
+
+
+def _maskgit_decoder(b: StateBuilder, p: str, ch: int, mult: list[int], z: int) -> None:
+    """MaskGIT-VQGAN's decoder (modeling/modules/maskgit_vqgan.py), one residual block per level."""
+    widths = [ch * m for m in mult]
+
+    def res(q, cin, cout):
+        b.norm(f"{q}.norm1", cin), b.conv(f"{q}.conv1", cin, cout, bias=False), b.norm(f"{q}.norm2", cout)
+        b.conv(f"{q}.conv2", cout, cout, bias=False)
+        if cin != cout:
+            b.conv(f"{q}.nin_shortcut", cout, cout, 1, bias=False)
+
+    b.conv(f"{p}.conv_in", z, widths[-1])
+    res(f"{p}.mid.0", widths[-1], widths[-1])
+    for i in range(len(mult)):
+        res(f"{p}.up.{i}.block.0", widths[min(i + 1, len(mult) - 1)], widths[i])
+        if i > 0:
+            b.conv(f"{p}.up.{i}.upsample_conv", widths[i], widths[i])
+    b.norm(f"{p}.norm_out", widths[0]), b.conv(f"{p}.conv_out", widths[0], 3)
+
+
+@functools.cache  # read-only in the tests
+def titok_state(kind: str = "proxy") -> dict:
+    """A bare TiTok state dict as released (``torch.save(model.state_dict())``). ``kind``: ``proxy`` (the
+    VQ-4096 releases: ``is_legacy``, decoder logits over MaskGIT-VQGAN's codes + ``pixel_decoder``),
+    ``pixels`` (the VQ-8k releases: pixel head), ``vae`` (continuous tokens), ``stage1`` (proxy logits, no
+    pixel decoder), ``tatitok`` (a text-conditioned decoder)."""
+    t, b = TITOK, StateBuilder()
+    w, grid, n = t["width"], t["resolution"] // t["patch"], t["tokens"]
+    b.state["latent_tokens"] = b._rand(n, w, scale=w**-0.5)
+    b.conv("encoder.patch_embed", 3, w, t["patch"])
+    _titok_vit(b, "encoder", w, t["depth"], grid, n)
+    token_out = 2 * t["token_size"] if kind == "vae" else t["token_size"]
+    b.conv("encoder.conv_out", w, token_out, 1)
+    if kind != "vae":
+        b.state["quantize.embedding.weight"] = b._rand(t["codes"], t["token_size"], scale=1.0)
+    b.linear("decoder.decoder_embed", t["token_size"], w)
+    b.state["decoder.mask_token"] = b._rand(1, 1, w, scale=w**-0.5)
+    _titok_vit(b, "decoder", w, 1, grid, n)
+    if kind in ("proxy", "stage1", "tatitok"):
+        b.conv("decoder.ffn.0", w, 2 * w, 1), b.conv("decoder.ffn.2", 2 * w, t["pixel_codes"], 1)
+    else:
+        b.conv("decoder.ffn.0", w, t["patch"] ** 2 * 3, 1), b.conv("decoder.conv_out", 3, 3)
+    if kind in ("proxy", "tatitok"):
+        b.state["pixel_quantize.embedding.weight"] = b._rand(t["pixel_codes"], t["pixel_dim"], scale=1.0)
+        _maskgit_decoder(b, "pixel_decoder", t["pixel_ch"], t["pixel_mult"], t["pixel_dim"])
+    if kind == "tatitok":
+        b.linear("decoder.text_guidance_proj", 16, w)
+    return b.state

@@ -103,3 +103,4 @@ def load_original_checkpoint(path: str | Path) -> Any:
     log.warning("%s: ignored pickled objects of %d foreign class(es) (%s); only its tensors are used",
                 path, len(foreign), ", ".join(foreign))
     return checkpoint
+

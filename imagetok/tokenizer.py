@@ -56,6 +56,10 @@ class Tokenizer(nn.Module):
             k = quant_conv_kernel_size
             self.quant_conv = nn.Conv2d(encoder.z_channels, quantizer.dim, k, padding=k // 2)
             self.post_quant_conv = nn.Conv2d(quantizer.out_dim, decoder.z_channels, k, padding=k // 2)
+        condition = getattr(decoder, "condition_channels", None)
+        if getattr(decoder, "conditioned_on_quantized", False) and condition != quantizer.out_dim:
+            raise ConfigValueError("decoder.condition_channels", condition,
+                                   f"the quantizer's output channels {quantizer.out_dim} (the latent its norms are conditioned on)")
         self.config = copy.deepcopy(dict(config)) if config is not None else None
 
     @classmethod
@@ -152,7 +156,10 @@ class Tokenizer(nn.Module):
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized latents ``[B, out_dim, h, w]`` (or ``[B, k, out_dim]``) -> images ``[B, 3, H, W]``
-        (about [-1, 1], unclamped)."""
+        (about [-1, 1], unclamped). A decoder whose norms are conditioned on the quantized latent (MoVQ's
+        spatial norms: ``decoder.conditioned_on_quantized``) receives ``z_q`` as its second input."""
+        if getattr(self.decoder, "conditioned_on_quantized", False):
+            return self.decoder(self.post_quant_conv(z_q), z_q)
         return self.decoder(self.post_quant_conv(z_q))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:

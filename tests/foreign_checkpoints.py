@@ -1,10 +1,12 @@
 """Small random checkpoints in other projects' own key layouts (taming-transformers' VQGAN, LlamaGen's
-VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ), shared by the converter tests: the real parameter names and shapes,
-small widths."""
+VQ, FoundationVision VAR's VQVAE, SEED-Voken's Open-MAGVIT2 and IBQ, diffusers' VQModel directories,
+bytedance 1d-tokenizer's TiTok), shared by the converter tests: the real parameter names and shapes, small widths."""
 
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
 
@@ -22,8 +24,13 @@ class StateBuilder:
     def _rand(self, *shape, scale=0.2):
         return torch.randn(*shape, generator=self.gen) * scale
 
-    def conv(self, name, cin, cout, k=3):
+    def conv(self, name, cin, cout, k=3, bias=True):
         self.state[f"{name}.weight"] = self._rand(cout, cin, k, k, scale=(1 / (cin * k * k)) ** 0.5)
+        if bias:
+            self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
+
+    def linear(self, name, cin, cout):
+        self.state[f"{name}.weight"] = self._rand(cout, cin, scale=cin**-0.5)
         self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
 
     def norm(self, name, c):
@@ -189,3 +196,165 @@ def lfq_checkpoint() -> dict:
 def ibq_checkpoint(ema: bool = True) -> dict:
     state = taming_state()  # taming's nets and quant convs, 64 codes of 8 dims
     return {"state_dict": _with_ema(state) if ema else state}
+
+
+# --- diffusers VQModel: a directory as ModelMixin.save_pretrained writes it ------------------------------
+DIFFUSERS_SMALL = {"block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 6, "vq_embed_dim": 8,
+                   "num_vq_embeddings": 64, "norm_num_groups": 8, "mid_block_add_attention": True,
+                   "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   "up_block_types": ["AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}
+# MoVQ-style: spatial norms in the decoder, the quantized latent as wide as the encoder's
+DIFFUSERS_SPATIAL = {**DIFFUSERS_SMALL, "latent_channels": 4, "vq_embed_dim": 4, "norm_type": "spatial"}
+
+
+class DiffusersStateBuilder(StateBuilder):
+    """Random tensors under diffusers' names: ``conv_shortcut``, linear attention ``to_q/k/v/to_out.0``
+    with ``group_norm`` (or ``spatial_norm``), SpatialNorm's ``norm_layer/conv_y/conv_b``."""
+
+    def __init__(self, zq_channels: int | None = None) -> None:
+        super().__init__()
+        self.zq = zq_channels
+
+    def linear(self, name, cin, cout):
+        self.state[f"{name}.weight"] = self._rand(cout, cin, scale=(1 / cin) ** 0.5)
+        self.state[f"{name}.bias"] = self._rand(cout, scale=0.05)
+
+    def any_norm(self, name, c, spatial):
+        if not spatial:
+            return self.norm(name, c)
+        self.norm(f"{name}.norm_layer", c)
+        self.conv(f"{name}.conv_y", self.zq, c, 1), self.conv(f"{name}.conv_b", self.zq, c, 1)
+        self.state[f"{name}.conv_y.bias"] += 1  # a scale around 1, as a trained MoVQ's
+
+    def res(self, p, cin, cout, spatial=False):
+        self.any_norm(f"{p}.norm1", cin, spatial), self.conv(f"{p}.conv1", cin, cout)
+        self.any_norm(f"{p}.norm2", cout, spatial), self.conv(f"{p}.conv2", cout, cout)
+        if cin != cout:
+            self.conv(f"{p}.conv_shortcut", cin, cout, 1)
+
+    def attn(self, p, c, spatial=False):
+        self.any_norm(f"{p}.spatial_norm" if spatial else f"{p}.group_norm", c, spatial)
+        for n in ("to_q", "to_k", "to_v", "to_out.0"):
+            self.linear(f"{p}.{n}", c, c)
+
+
+def diffusers_vq_state(config: dict = DIFFUSERS_SMALL) -> dict[str, torch.Tensor]:
+    """A ``VQModel(**config)``'s tensors under diffusers' names (config keys as ``VQModel`` takes them)."""
+    widths, blocks = config["block_out_channels"], config["layers_per_block"]
+    latent, dim = config["latent_channels"], config.get("vq_embed_dim") or config["latent_channels"]
+    spatial, n = config.get("norm_type", "group") == "spatial", len(widths)
+    b = DiffusersStateBuilder(zq_channels=dim)
+    b.conv("encoder.conv_in", 3, widths[0])
+    out = widths[0]
+    for i, kind in enumerate(config["down_block_types"]):
+        for j in range(blocks):
+            b.res(f"encoder.down_blocks.{i}.resnets.{j}", out if j == 0 else widths[i], widths[i])
+            if kind.startswith("Attn"):
+                b.attn(f"encoder.down_blocks.{i}.attentions.{j}", widths[i])
+        out = widths[i]
+        if i != n - 1:
+            b.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", out, out)
+    for pre, cond in (("encoder", False), ("decoder", spatial)):
+        b.res(f"{pre}.mid_block.resnets.0", out, out, cond)
+        if config.get("mid_block_add_attention", True):
+            b.attn(f"{pre}.mid_block.attentions.0", out, cond)
+        b.res(f"{pre}.mid_block.resnets.1", out, out, cond)
+    b.norm("encoder.conv_norm_out", out), b.conv("encoder.conv_out", out, latent)
+    b.conv("quant_conv", latent, dim, 1), b.conv("post_quant_conv", dim, latent, 1)
+    b.state["quantize.embedding.weight"] = b._rand(config["num_vq_embeddings"], dim, scale=0.3)
+    b.conv("decoder.conv_in", latent, widths[-1])
+    for k, kind in enumerate(config["up_block_types"]):  # lowest resolution first
+        width = widths[n - 1 - k]
+        for j in range(blocks + 1):
+            b.res(f"decoder.up_blocks.{k}.resnets.{j}", out if j == 0 else width, width, spatial)
+            if kind.startswith("Attn"):
+                b.attn(f"decoder.up_blocks.{k}.attentions.{j}", width, spatial)
+        out = width
+        if k != n - 1:
+            b.conv(f"decoder.up_blocks.{k}.upsamplers.0.conv", out, out)
+    b.any_norm("decoder.conv_norm_out", out, spatial), b.conv("decoder.conv_out", out, 3)
+    return b.state
+
+
+def diffusers_vq_directory(path: Path, config: dict = DIFFUSERS_SMALL, **overrides) -> Path:
+    """``path`` made a diffusers model directory: ``config.json`` (with ``_class_name``, as
+    ``save_pretrained`` writes it; ``overrides`` change only the file) + ``diffusion_pytorch_model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    written = {"_class_name": "VQModel", "_diffusers_version": "0.42.1", "act_fn": "silu", "in_channels": 3,
+               "out_channels": 3, "norm_type": "group", "scaling_factor": 0.18215, "force_upcast": False,
+               "lookup_from_codebook": False, "sample_size": 32, **config, **overrides}
+    (path / "config.json").write_text(json.dumps(written, indent=2))
+    save_file(diffusers_vq_state(config), path / "diffusion_pytorch_model.safetensors")
+    return path
+
+
+# TiTok (bytedance/1d-tokenizer modeling/titok.py): widths multiples of TiTok's 64-wide heads, 16x16 images
+TITOK = {"width": 64, "depth": 2, "patch": 4, "resolution": 16, "tokens": 4, "token_size": 4, "codes": 16,
+         "pixel_codes": 16, "pixel_dim": 8, "pixel_ch": 32, "pixel_mult": [1, 2, 2]}
+
+
+def _titok_vit(b: StateBuilder, part: str, width: int, depth: int, grid: int, tokens: int) -> None:
+    """TiTokEncoder / TiTokDecoder's shared tensors: class token, positions, ln_pre/ln_post, CLIP blocks."""
+    scale = width**-0.5
+    b.state[f"{part}.class_embedding"] = b._rand(1, width, scale=scale)
+    b.state[f"{part}.positional_embedding"] = b._rand(grid * grid + 1, width, scale=scale)
+    b.state[f"{part}.latent_token_positional_embedding"] = b._rand(tokens, width, scale=scale)
+    b.norm(f"{part}.ln_pre", width), b.norm(f"{part}.ln_post", width)
+    for i in range(depth):
+        p = f"{part}.transformer.{i}"
+        b.norm(f"{p}.ln_1", width), b.norm(f"{p}.ln_2", width)
+        b.state[f"{p}.attn.in_proj_weight"] = b._rand(3 * width, width, scale=scale)
+        b.state[f"{p}.attn.in_proj_bias"] = b._rand(3 * width, scale=0.05)
+        b.linear(f"{p}.attn.out_proj", width, width)
+        b.linear(f"{p}.mlp.c_fc", width, 4 * width), b.linear(f"{p}.mlp.c_proj", 4 * width, width)
+
+
+def _maskgit_decoder(b: StateBuilder, p: str, ch: int, mult: list[int], z: int) -> None:
+    """MaskGIT-VQGAN's decoder (modeling/modules/maskgit_vqgan.py), one residual block per level."""
+    widths = [ch * m for m in mult]
+
+    def res(q, cin, cout):
+        b.norm(f"{q}.norm1", cin), b.conv(f"{q}.conv1", cin, cout, bias=False), b.norm(f"{q}.norm2", cout)
+        b.conv(f"{q}.conv2", cout, cout, bias=False)
+        if cin != cout:
+            b.conv(f"{q}.nin_shortcut", cout, cout, 1, bias=False)
+
+    b.conv(f"{p}.conv_in", z, widths[-1])
+    res(f"{p}.mid.0", widths[-1], widths[-1])
+    for i in range(len(mult)):
+        res(f"{p}.up.{i}.block.0", widths[min(i + 1, len(mult) - 1)], widths[i])
+        if i > 0:
+            b.conv(f"{p}.up.{i}.upsample_conv", widths[i], widths[i])
+    b.norm(f"{p}.norm_out", widths[0]), b.conv(f"{p}.conv_out", widths[0], 3)
+
+
+@functools.cache  # read-only in the tests
+def titok_state(kind: str = "proxy") -> dict:
+    """A bare TiTok state dict as released (``torch.save(model.state_dict())``). ``kind``: ``proxy`` (the
+    VQ-4096 releases: ``is_legacy``, decoder logits over MaskGIT-VQGAN's codes + ``pixel_decoder``),
+    ``pixels`` (the VQ-8k releases: pixel head), ``vae`` (continuous tokens), ``stage1`` (proxy logits, no
+    pixel decoder), ``tatitok`` (a text-conditioned decoder)."""
+    t, b = TITOK, StateBuilder()
+    w, grid, n = t["width"], t["resolution"] // t["patch"], t["tokens"]
+    b.state["latent_tokens"] = b._rand(n, w, scale=w**-0.5)
+    b.conv("encoder.patch_embed", 3, w, t["patch"])
+    _titok_vit(b, "encoder", w, t["depth"], grid, n)
+    token_out = 2 * t["token_size"] if kind == "vae" else t["token_size"]
+    b.conv("encoder.conv_out", w, token_out, 1)
+    if kind != "vae":
+        b.state["quantize.embedding.weight"] = b._rand(t["codes"], t["token_size"], scale=1.0)
+    b.linear("decoder.decoder_embed", t["token_size"], w)
+    b.state["decoder.mask_token"] = b._rand(1, 1, w, scale=w**-0.5)
+    _titok_vit(b, "decoder", w, 1, grid, n)
+    if kind in ("proxy", "stage1", "tatitok"):
+        b.conv("decoder.ffn.0", w, 2 * w, 1), b.conv("decoder.ffn.2", 2 * w, t["pixel_codes"], 1)
+    else:
+        b.conv("decoder.ffn.0", w, t["patch"] ** 2 * 3, 1), b.conv("decoder.conv_out", 3, 3)
+    if kind in ("proxy", "tatitok"):
+        b.state["pixel_quantize.embedding.weight"] = b._rand(t["pixel_codes"], t["pixel_dim"], scale=1.0)
+        _maskgit_decoder(b, "pixel_decoder", t["pixel_ch"], t["pixel_mult"], t["pixel_dim"])
+    if kind == "tatitok":
+        b.linear("decoder.text_guidance_proj", 16, w)
+    return b.state

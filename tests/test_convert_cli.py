@@ -1,4 +1,4 @@
-"""``export.py from=auto|taming|llamagen|var|magvit2`` through the entry point: the format is detected
+"""``export.py from=auto|taming|llamagen|var|magvit2|diffusers|titok`` through the entry point: the format is detected
 and named in one log line; a file that is none of them, or another project's under an explicit
 ``from=``, is one ``error:`` line and exit code 2, never a traceback."""
 
@@ -13,13 +13,17 @@ import pytest
 import torch
 import yaml
 
-from foreign_checkpoints import ibq_checkpoint, lfq_checkpoint, llamagen_state, taming_state, var_state, var_tokenizer
+from foreign_checkpoints import (diffusers_vq_directory, diffusers_vq_state, ibq_checkpoint, lfq_checkpoint, llamagen_state,
+                                 taming_state, titok_state, var_state, var_tokenizer)
 from imagetok import Tokenizer
-from imagetok.export.converters import FORMATS, convert_llamagen, convert_magvit2, convert_taming, convert_var
+from imagetok.export.converters import (FORMATS, convert_diffusers, convert_llamagen, convert_magvit2, convert_taming,
+                                        convert_titok, convert_var)
 from imagetok.export.converters.var import VAR_SCALES
 from test_cli_errors import ROOT, _entry_points, _error_lines, _run_in_process
 
-LOOKED_FOR = ("imagetok: {\"state_dict\": ..., \"hyper_parameters\": {\"tokenizer_config\": ...}}, as train.py writes",
+LOOKED_FOR = ("diffusers: a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) or its "
+              "weights file, with encoder.conv_in.weight, encoder.down_blocks.*, decoder.up_blocks.*, quantize.embedding.weight",
+              "imagetok: {\"state_dict\": ..., \"hyper_parameters\": {\"tokenizer_config\": ...}}, as train.py writes",
               "llamagen: {\"ema\": ...} or {\"model\": ...} or a bare state dict with quantize.embedding.weight, "
               "encoder.conv_in.weight, encoder.conv_blocks.*, decoder.conv_blocks.*",
               "magvit2: {\"state_dict\": ...} or a bare state dict with encoder.mid_block.0.conv1.weight and "
@@ -29,12 +33,16 @@ LOOKED_FOR = ("imagetok: {\"state_dict\": ..., \"hyper_parameters\": {\"tokenize
               "taming: {\"state_dict\": ...} or a bare state dict with quantize.embedding.weight, encoder.conv_in.weight, "
               "encoder.down.*, decoder.up.*, without quantize.quant_resi.*, quantize.ema_vocab_hit_SV, "
               "model_ema.quantizeembeddingweight",
+              "titok: {\"state_dict\": ...} or {\"model\": ...} or a bare state dict with latent_tokens, "
+              "encoder.patch_embed.weight, encoder.latent_token_positional_embedding, "
+              "decoder.latent_token_positional_embedding",
               "var: {\"state_dict\": ...} or {\"model\": ...} or a bare state dict with quantize.embedding.weight, "
               "encoder.conv_in.weight, encoder.down.*, and quantize.quant_resi.* or quantize.ema_vocab_hit_SV")
 
 
 # the format each test file is in (an IBQ checkpoint is SEED-Voken's: from=magvit2)
-FORMAT_OF = {"taming": "taming", "llamagen": "llamagen", "var": "var", "magvit2": "magvit2", "ibq": "magvit2"}
+FORMAT_OF = {"taming": "taming", "llamagen": "llamagen", "var": "var", "magvit2": "magvit2", "ibq": "magvit2",
+             "diffusers": "diffusers", "titok": "titok"}
 
 
 def _var_checkpoint() -> dict:
@@ -43,7 +51,7 @@ def _var_checkpoint() -> dict:
 
 def _files(tmp_path: Path) -> dict[str, Path]:
     """One file of each kind the converters meet: checkpoints of each project, and things that are not."""
-    names = ("taming", "llamagen", "var", "magvit2", "ibq", "ibq_no_ema", "unrelated", "tensor", "broken_taming")
+    names = ("taming", "llamagen", "var", "magvit2", "ibq", "ibq_no_ema", "titok", "unrelated", "tensor", "broken_taming")
     files = {name: tmp_path / f"{name}.pt" for name in names}
     torch.save({"state_dict": taming_state(), "global_step": 3}, files["taming"])
     torch.save({"model": llamagen_state(), "steps": 3}, files["llamagen"])
@@ -51,6 +59,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     torch.save(lfq_checkpoint(), files["magvit2"])
     torch.save(ibq_checkpoint(), files["ibq"])
     torch.save(ibq_checkpoint(ema=False), files["ibq_no_ema"])
+    torch.save(titok_state(), files["titok"])  # bare, as the tokenizer_titok_*.bin releases
     files["ibq_yaml"] = tmp_path / "imagenet_ibqgan_64.yaml"
     files["ibq_yaml"].write_text(yaml.safe_dump(
         {"model": {"class_path": "src.IBQ.models.ibqgan.IBQ", "init_args": {"n_embed": 64, "embed_dim": 8}}}))
@@ -62,6 +71,7 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     files["text"].write_text("hello\n")
     files["directory"] = tmp_path / "a_save_pretrained_dir"
     files["directory"].mkdir()
+    files["diffusers"] = diffusers_vq_directory(tmp_path / "vqvae")  # a directory, as diffusers publishes it
     return files
 
 
@@ -73,7 +83,7 @@ def _export_error(monkeypatch, capsys, tmp_path: Path, source: str, file: Path, 
     return line
 
 
-@pytest.mark.parametrize("source", ["taming", "llamagen", "var", "magvit2", "auto"])
+@pytest.mark.parametrize("source", ["taming", "llamagen", "var", "magvit2", "diffusers", "titok", "auto"])
 def test_a_text_file_or_a_directory_is_one_line_under_every_source(tmp_path, monkeypatch, capsys, source):
     files = _files(tmp_path)
     line = _export_error(monkeypatch, capsys, tmp_path, source, files["text"])
@@ -84,7 +94,9 @@ def test_a_text_file_or_a_directory_is_one_line_under_every_source(tmp_path, mon
 
 @pytest.mark.parametrize("source,wrong", [("taming", "llamagen"), ("llamagen", "taming"), ("var", "taming"),
                                           ("taming", "var"), ("magvit2", "taming"), ("taming", "ibq"),
-                                          ("magvit2", "var"), ("var", "magvit2")])
+                                          ("magvit2", "var"), ("var", "magvit2"), ("taming", "diffusers"),
+                                          ("diffusers", "taming"), ("diffusers", "llamagen"), ("taming", "titok"),
+                                          ("titok", "taming")])
 def test_another_projects_or_an_unrelated_checkpoint_under_an_explicit_source_is_one_line(
         tmp_path, monkeypatch, capsys, source, wrong):
     files = _files(tmp_path)
@@ -121,12 +133,15 @@ def test_each_known_checkpoint_fits_exactly_one_format():
             for layout in ("qresi_ls", "per_scale", "shared")}
     checkpoints = {"taming": {"state_dict": taming_state()}, "llamagen": {"model": llamagen_state()},
                    "magvit2": lfq_checkpoint(), "ibq": ibq_checkpoint(), "ibq_no_ema": ibq_checkpoint(ema=False),
+                   "titok": titok_state(), "titok_pixels": titok_state("pixels"),
                    **{f"var_{layout}": state for layout, state in phis.items()},
-                   "var_hits_only": {k: v for k, v in phis["shared"].items() if ".quant_resi." not in k}}
+                   "var_hits_only": {k: v for k, v in phis["shared"].items() if ".quant_resi." not in k},
+                   "diffusers": diffusers_vq_state()}
     found = {kind: [s.name for s in FORMATS.values() if s.matches(ckpt)] for kind, ckpt in checkpoints.items()}
     assert found == {"taming": ["taming"], "llamagen": ["llamagen"], "magvit2": ["magvit2"], "ibq": ["magvit2"],
                      "ibq_no_ema": ["taming"],  # taming's layout exactly: only its yaml says IBQ (below)
-                     **{f"var_{layout}": ["var"] for layout in phis}, "var_hits_only": ["var"]}
+                     "titok": ["titok"], "titok_pixels": ["titok"],
+                     **{f"var_{layout}": ["var"] for layout in phis}, "var_hits_only": ["var"], "diffusers": ["diffusers"]}
 
 
 def _convert_in_process(monkeypatch, capsys, args: list[str]) -> list[str]:
@@ -137,7 +152,7 @@ def _convert_in_process(monkeypatch, capsys, args: list[str]) -> list[str]:
     return [line for line in (output.out + output.err).splitlines() if "from=auto" in line]
 
 
-@pytest.mark.parametrize("layout", ["taming", "llamagen", "var", "magvit2", "ibq"])
+@pytest.mark.parametrize("layout", ["taming", "llamagen", "var", "magvit2", "ibq", "diffusers", "titok"])
 def test_auto_detects_each_layout_says_so_and_converts_as_the_explicit_source(tmp_path, monkeypatch, capsys, layout):
     files = _files(tmp_path)
     lines = _convert_in_process(monkeypatch, capsys, ["from=auto", f"checkpoint={files[layout]}", f"out={tmp_path / 'out'}"])
@@ -146,7 +161,9 @@ def test_auto_detects_each_layout_says_so_and_converts_as_the_explicit_source(tm
                 "llamagen": lambda: convert_llamagen({"model": llamagen_state()}),
                 "var": lambda: convert_var(_var_checkpoint()),
                 "magvit2": lambda: convert_magvit2(lfq_checkpoint()),
-                "ibq": lambda: convert_magvit2(ibq_checkpoint())}[layout]()
+                "ibq": lambda: convert_magvit2(ibq_checkpoint()),
+                "diffusers": lambda: convert_diffusers(diffusers_vq_state(), config=str(files["diffusers"] / "config.json")),
+                "titok": lambda: convert_titok(titok_state())}[layout]()
     converted = Tokenizer.from_pretrained(tmp_path / "out")
     assert converted.config == expected.config
     assert all(torch.equal(v, expected.state_dict()[k]) for k, v in converted.state_dict().items())

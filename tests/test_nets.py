@@ -65,3 +65,40 @@ def test_from_config_refuses_interpolations():
               "quantizer": {}, "decoder": {}}
     with pytest.raises(ConfigValueError, match="encoder.ch=.*plain value"):
         Tokenizer.from_config(config)
+
+
+def test_norm_groups_must_divide_every_width():
+    with pytest.raises(ConfigValueError, match=r"norm_groups=12 is invalid: allowed values are null or a positive "
+                                               r"integer dividing every width \[32, 64\]"):
+        Encoder(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4, resolution=32, norm_groups=12)
+
+
+def test_the_movq_decoder_config_trains_with_norms_conditioned_on_the_quantized_latent(compose_config):
+    """``decoder=movq``: SpatialNorms see the quantized latent (not the post-quant one) and learn from it."""
+    from imagetok.training.run import tokenizer_config
+
+    cfg = compose_config(["decoder=movq", "data.image_size=32", "encoder.ch_mult=[1,2]", "encoder.attn_resolutions=[16]"])
+    tok = Tokenizer.from_config(tokenizer_config(cfg))
+    assert tok.decoder.conditioned_on_quantized and tok.decoder.norm_out.conv_y.in_channels == tok.quantizer.dim
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, out = tok(images)
+    (recon - images).pow(2).mean().add(out.loss).backward()
+    assert recon.shape == images.shape and tok.decoder.norm_out.conv_y.weight.grad.abs().sum() > 0
+    tok.eval()
+    with torch.no_grad():
+        assert torch.equal(tok.decode(tok.encode(images)), tok(images)[0])
+
+
+def test_pixel_range_maps_imagetoks_images_onto_the_nets_range_and_back():
+    nets = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "z_channels": 4, "resolution": 32}
+    torch.manual_seed(0)
+    plain, unit = Encoder(**nets), Encoder(**nets, pixel_range=[0, 1])
+    unit.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(unit(x), plain((x + 1) * 0.5))
+    decoder, unit_decoder = Decoder(**nets), Decoder(**nets, pixel_range=[0, 1])
+    unit_decoder.load_state_dict(decoder.state_dict())
+    z = torch.randn(1, 4, 16, 16)
+    assert torch.equal(unit_decoder(z), decoder(z) * 2 - 1)
+    with pytest.raises(ConfigValueError, match=r"pixel_range=\[1, 0\] is invalid: allowed values are \[low, high\]"):
+        Encoder(**nets, pixel_range=[1, 0])

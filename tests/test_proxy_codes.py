@@ -1,121 +1,90 @@
-"""TiTok's two-stage training (issue 15, part 3): stage 1 learns a grid tokenizer's codes with
-cross-entropy (and lowers it), through a decoder that starts from and keeps that tokenizer's pixel
-decoder; stage 2 starts from stage 1 (``init_from``) and trains the decoder only (``freeze``)."""
+"""``nets/proxy_codes.py``: a 1D tokenizer that decodes through a grid tokenizer's codes (TiTok's proxy
+codes), built from ``_target_`` dicts with any 1D logits decoder and any grid decoder; and the
+MaskGIT-VQGAN nets it is released with."""
 
 from __future__ import annotations
-
-import csv
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from imagetok import Tokenizer
-from imagetok.nets.cnn import Decoder
-from imagetok.nets.latent_tokens import LatentTokenDecoder
-from imagetok.nets.proxy_codes import ProxyCodeDecoder
-from imagetok.training.run import tokenizer_config, train
+from imagetok.errors import ConfigValueError
 
-SMALL_TEACHER = ["data.image_size=16", "encoder.ch=16", "encoder.ch_mult=[1,2]", "encoder.z_channels=8",
-                 "quantizer.codebook_size=64"]
-SMALL_1D = ["data.image_size=16", "encoder.width=32", "encoder.depth=1", "encoder.num_heads=2",
-            "encoder.num_latent_tokens=8", "encoder.z_channels=8", "quantizer.kmeans_init_batches=1",
-            "data.batch_size=8", "data.val_batch_size=8", "data.val_samples=8", "trainer.log_every_n_steps=1",
-            "loss.discriminator.ch=8", "loss.perceptual_weight=0"]
+V, D, TOKENS = 32, 8, 6
 
 
-@pytest.fixture
-def teacher(compose_config, tmp_path) -> Path:
-    """A small grid tokenizer (random weights: its codes are still a fixed function of the image)."""
+def _config(train_codebook: bool = False, code_decoder: str = "latent_tokens") -> dict:
+    vit = {"patch_size": 4, "width": 32, "depth": 1, "num_heads": 2, "z_channels": 4, "num_latent_tokens": TOKENS}
+    code = ({"_target_": "imagetok.nets.latent_tokens.LatentTokenDecoder", **vit, "out_channels": V, "patch_size": 1,
+             "resolution": 4} if code_decoder == "latent_tokens" else
+            {"_target_": "imagetok.nets.titok.TiTokDecoder", **vit, "width": 64, "num_heads": 1, "resolution": 16,
+             "head": "logits", "num_logits": V})
+    return {"encoder": {"_target_": "imagetok.nets.latent_tokens.LatentTokenEncoder", **vit, "resolution": 16},
+            "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": 4, "codebook_size": 16},
+            "decoder": {"_target_": "imagetok.nets.proxy_codes.ProxyCodeDecoder", "codebook_size": V, "codebook_dim": D,
+                        "train_codebook": train_codebook, "code_decoder": code,
+                        "pixel_decoder": {"_target_": "imagetok.nets.maskgit_vqgan.MaskGitDecoder", "ch": 16,
+                                          "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": D}}}
+
+
+@pytest.mark.parametrize("code_decoder", ["latent_tokens", "titok"])
+def test_logits_soft_codes_and_pixels_have_the_documented_shapes(code_decoder):
     torch.manual_seed(0)
-    tok = Tokenizer.from_config(tokenizer_config(compose_config(SMALL_TEACHER)))
-    return tok.save_pretrained(tmp_path / "teacher")
+    tok = Tokenizer.from_config(_config(code_decoder=code_decoder)).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = tok.post_quant_conv(tok.indices_to_latents(tok.encode(x)))  # [B, N, z_channels]
+    logits = tok.decoder.code_logits(z)
+    assert logits.shape == (2, V, 4, 4)
+    soft = tok.decoder.soft_codes(logits)
+    assert soft.shape == (2, D, 4, 4)
+    assert torch.equal(tok.decoder(z), tok.decoder.pixel_decoder(soft)) and tok.decode(tok.encode(x)).shape == x.shape
+    # a softmax that is one-hot is the hard code: what a grid tokenizer's own codes decode from
+    codes = torch.randint(V, (2, 4, 4))
+    one_hot = torch.nn.functional.one_hot(codes, V).permute(0, 3, 1, 2).float() * 1e4
+    torch.testing.assert_close(tok.decoder.soft_codes(one_hot), tok.decoder.codes_to_latents(codes))
 
 
-def _logged(run_dir: Path, key: str) -> list[float]:
-    (path,) = run_dir.rglob("metrics.csv")
-    with open(path) as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+def test_the_codebook_is_frozen_unless_asked_and_gradients_reach_the_code_decoder():
+    torch.manual_seed(0)
+    for train in (False, True):
+        tok = Tokenizer.from_config(_config(train_codebook=train)).train()
+        recon, out = tok(torch.rand(2, 3, 16, 16) * 2 - 1)
+        (recon.square().mean() + out.loss).backward()
+        assert tok.decoder.codebook.requires_grad is train and (tok.decoder.codebook.grad is not None) is train
+        assert tok.decoder.code_decoder.to_pixels.weight.grad is not None
+        assert tok.encoder.proj_out.weight.grad is not None
 
 
-def test_proxy_code_decoder_shapes_and_prefixes():
-    tokens = LatentTokenDecoder(out_channels=64, patch_size=1, width=32, depth=1, num_heads=2, z_channels=8,
-                                resolution=4, num_latent_tokens=8, token_drop="pow2")
-    pixels = Decoder(ch=16, ch_mult=[1, 2], z_channels=8, resolution=8)
-    dec = ProxyCodeDecoder(tokens=tokens, pixels=pixels, codebook_size=64, code_dim=8).eval()
-    z = torch.randn(2, 8, 8)
-    assert dec.code_logits(z).shape == (2, 64, 4, 4)
-    assert dec(z).shape == (2, 3, 8, 8) and dec(z[:, :2]).shape == (2, 3, 8, 8)
-    assert dec.variable_length and dec.z_channels == 8 and dec.num_latent_tokens == 8
+def test_a_proxy_code_tokenizer_round_trips_through_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config(_config()).eval()
+    tok.save_pretrained(tmp_path)
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    ids = tok.encode(torch.rand(1, 3, 16, 16) * 2 - 1)
+    assert loaded.config == tok.config and torch.equal(loaded.decode(ids), tok.decode(ids))
 
 
-def test_stage_one_lowers_the_cross_entropy_and_keeps_the_teacher_decoder(compose_config, tmp_path, teacher, one_thread):
-    cfg = compose_config(["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={teacher}", *SMALL_1D,
-                          "trainer.max_steps=40", "trainer.val_check_interval=40", "optim.warmup_steps=5"])
-    run = train(cfg, tmp_path / "stage1")
-    ce = _logged(tmp_path / "stage1", "train/proxy_ce")
-    late = sum(ce[-5:]) / 5
-    assert len(ce) == 40 and late < ce[0] - 1.0, ce  # it learns the teacher's codes ...
-    assert late < torch.log(torch.tensor(64.0)).item() - 1.0, ce  # ... well below the uniform guess, ln V
-    ref = Tokenizer.from_pretrained(teacher)
-    tok = run.module.tokenizer
-    for name, tensor in ref.decoder.state_dict().items():  # frozen in stage 1: still the teacher's
-        assert torch.equal(tok.decoder.pixels.state_dict()[name], tensor), name
-    codes = ref.quantizer.indices_to_latents(torch.arange(64).view(1, 64, 1, 1))[0, :, :, 0].t()
-    assert torch.equal(tok.decoder.codebook, codes)
-    # The saved tokenizer rebuilds from its JSON config alone and decodes alike.
-    out = run.module.eval_tokenizer.save_pretrained(tmp_path / "export")
-    back = Tokenizer.from_pretrained(out)
-    images = next(iter(run.datamodule.val_dataloader()))
-    ids = back.encode(images)
-    assert ids.shape == (8, 8, 1)
-    assert torch.allclose(back.decode(ids), run.module.eval_tokenizer.eval().decode(ids), atol=1e-6)
+def test_parts_that_do_not_fit_the_codebook_are_refused_by_key():
+    config = _config()
+    config["decoder"]["pixel_decoder"]["z_channels"] = D + 1
+    with pytest.raises(ConfigValueError, match=r"decoder.pixel_decoder.z_channels=9 is invalid: allowed values are codebook_dim=8"):
+        Tokenizer.from_config(config)
+    config = _config(code_decoder="titok")
+    config["decoder"]["code_decoder"]["num_logits"] = V * 2
+    with pytest.raises(ConfigValueError, match=r"decoder.code_decoder.num_logits=64 is invalid"):
+        Tokenizer.from_config(config)
 
 
-def test_stage_two_starts_from_stage_one_and_trains_only_the_decoder(compose_config, tmp_path, teacher, one_thread):
-    common = [f"loss.proxy_codes.teacher={teacher}", *SMALL_1D, "trainer.val_check_interval=10"]
-    stage1 = train(compose_config(["experiment=cpu_titok_proxy", *common, "trainer.max_steps=10"]), tmp_path / "s1")
-    start = {k: v.clone() for k, v in stage1.module.eval_tokenizer.state_dict().items()}
-    cfg = compose_config(["experiment=cpu_titok_proxy_stage2", *common, "trainer.max_steps=10",
-                          f"init_from={tmp_path / 's1' / 'checkpoints' / 'last.ckpt'}"])
-    stage2 = train(cfg, tmp_path / "s2")
-    after = stage2.module.tokenizer.state_dict()
-    for name, tensor in start.items():
-        if name.startswith(("encoder.", "quant_conv.", "quantizer.")):
-            assert torch.equal(after[name], tensor), name  # frozen, EMA codebook included
-    changed = [n for n in start if n.startswith("decoder.") and not torch.equal(after[n], start[n])]
-    assert any(n.startswith("decoder.tokens.") for n in changed) and any(n.startswith("decoder.pixels.") for n in changed)
-    assert _logged(tmp_path / "s2", "train/pixel")  # trained on pixels
-
-
-def _cli(monkeypatch, capsys, args: list[str]) -> str:
-    from imagetok.cli import train as train_cli
-
-    monkeypatch.setattr(sys, "argv", ["train", *args])
-    with pytest.raises(SystemExit) as exited:
-        train_cli.main()
-    out = capsys.readouterr()
-    assert exited.value.code == 2, out.out + out.err
-    text = out.out + out.err
-    assert "Traceback" not in text
-    (line,) = [ln for ln in text.splitlines() if "error:" in ln]
-    return line
-
-
-@pytest.mark.parametrize("case", ["no teacher", "missing teacher", "1D teacher", "wrong init_from", "bad freeze"])
-def test_bad_two_stage_values_are_one_line(compose_config, tmp_path, teacher, monkeypatch, capsys, case):
-    run = [f"hydra.run.dir={tmp_path / 'run'}", *SMALL_1D, "trainer.max_steps=1"]
-    oned = Tokenizer.from_config(tokenizer_config(compose_config(["experiment=cpu_titok", *SMALL_1D])))
-    args, expected = {
-        "no teacher": (["experiment=cpu_titok_proxy", "~loss/proxy_codes"], "loss.proxy_codes"),
-        "missing teacher": (["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={tmp_path / 'nope'}"],
-                            "loss.proxy_codes.teacher"),
-        "1D teacher": (["experiment=cpu_titok_proxy",
-                        f"loss.proxy_codes.teacher={oned.save_pretrained(tmp_path / 'oned')}"], "a grid tokenizer"),
-        "wrong init_from": (["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={teacher}",
-                             f"init_from={teacher}"], "init_from="),
-        "bad freeze": (["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={teacher}", "freeze=[decoder.nope]"],
-                       "freeze"),
-    }[case]
-    assert expected in _cli(monkeypatch, capsys, [*args, *run])
+def test_maskgit_vqgan_nets_make_a_grid_tokenizer_in_unit_interval():
+    torch.manual_seed(0)
+    net = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 8, "unit_interval": True}
+    tok = Tokenizer.from_config({"encoder": {"_target_": "imagetok.nets.maskgit_vqgan.MaskGitEncoder", **net},
+                                 "decoder": {"_target_": "imagetok.nets.maskgit_vqgan.MaskGitDecoder", **net},
+                                 "quantizer": {"_target_": "imagetok.quantizers.vq.VectorQuantizer", "dim": 8,
+                                               "codebook_size": 16}}).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert tok.encode(x).shape == (2, 8, 8, 1) and tok.decode(tok.encode(x)).shape == x.shape
+    with torch.no_grad():  # unit_interval: the nets see (x + 1) / 2 and their output y comes back as 2 y - 1
+        z, y = tok.encoder(x), tok.decoder(tok.encoder(x))
+        tok.encoder.unit_interval = tok.decoder.unit_interval = False
+        assert torch.equal(z, tok.encoder((x + 1) * 0.5)) and torch.equal(y, tok.decoder(z) * 2 - 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from imagetok.errors import ConfigValueError, check
 from imagetok.export.checkpoint import read_checkpoint
@@ -27,8 +27,12 @@ def foreign_sources() -> list[str]:
 
 def converter_options(cfg: DictConfig) -> dict[str, Any]:
     """The export keys a converter may declare in its ``SourceFormat.options`` (``config=``: a source
-    project's own config file, ``weights=``: EMA or raw); each format receives only those it declares."""
-    return {"config": cfg.get("config"), "weights": cfg.weights}
+    project's own config file, ``weights=``: EMA or raw, ``checkpoint_path``: where the checkpoint was
+    read, for a converter that reads files next to it, ``pixel_range=``: the source's image range); each
+    format receives only those it declares."""
+    pixel_range = cfg.get("pixel_range")
+    return {"config": cfg.get("config"), "weights": cfg.weights, "checkpoint_path": Path(cfg.checkpoint),
+            "pixel_range": OmegaConf.to_container(pixel_range) if OmegaConf.is_config(pixel_range) else pixel_range}
 
 
 def export_converted(cfg: DictConfig, source: str, checkpoint: Any) -> Path:

@@ -70,7 +70,8 @@ class ProxyCodeLoss(nn.Module):
 
     def complete_decoder_config(self, cfg: DictConfig) -> None:
         """Fill the run config's ``decoder`` (a ProxyCodeDecoder) with the teacher's shape: its decoder
-        config (``pixels``), code count and width, and the token net's grid (``h = image_size / f``)."""
+        config (``pixel_decoder``), code count and width, its ``post_quant_conv`` kernel, and the code
+        decoder's grid (``h = image_size / f``, one mask token per cell, one logit per code)."""
         dec = cfg.decoder
         if dec.get("_target_") != PROXY_DECODER:
             raise ConfigValueError("decoder", dec.get("_target_"), f"{PROXY_DECODER} (decoder=proxy_codes) with "
@@ -79,21 +80,22 @@ class ProxyCodeLoss(nn.Module):
         check(h == w, "loss.proxy_codes.teacher", f"{h}x{w} grid", "a teacher whose code grid is square")
         config = self.teacher.config or {}
         with open_dict(cfg):
-            dec.pixels = config["decoder"]
-            dec.codebook_size, dec.code_dim = self.teacher.codebook_sizes[0], self.teacher.quantizer.out_dim
+            dec.pixel_decoder = config["decoder"]
+            dec.codebook_size, dec.codebook_dim = self.teacher.codebook_sizes[0], self.teacher.quantizer.out_dim
             dec.post_quant_kernel_size = config.get("quant_conv_kernel_size", 1)
-            dec.tokens.resolution, dec.tokens.patch_size, dec.tokens.out_channels = h, 1, dec.codebook_size
+            code = dec.code_decoder
+            code.resolution, code.patch_size, code.out_channels = h, 1, dec.codebook_size
 
     def load_teacher(self, decoder: nn.Module) -> None:
         """Copy the teacher's code vectors, ``post_quant_conv`` and decoder into ``decoder`` (a
-        ProxyCodeDecoder built from :meth:`complete_decoder_config`) and hook its token net's logits."""
+        ProxyCodeDecoder built from :meth:`complete_decoder_config`) and hook its code decoder's logits."""
         with torch.no_grad():
             decoder.codebook.copy_(self.codebook)
         decoder.post_quant_conv.load_state_dict(self.teacher.post_quant_conv.state_dict())
-        decoder.pixels.load_state_dict(self.teacher.decoder.state_dict())
+        decoder.pixel_decoder.load_state_dict(self.teacher.decoder.state_dict())
         if self._hook is not None:
             self._hook.remove()
-        self._hook = decoder.tokens.register_forward_hook(self._capture)
+        self._hook = decoder.code_decoder.register_forward_hook(self._capture)
 
     def _capture(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if torch.is_grad_enabled():  # training forwards only

@@ -44,7 +44,7 @@ def load_initial_weights(tokenizer: Tokenizer, path: str) -> int:
 
 def freeze_parts(tokenizer: Tokenizer, names: Sequence[str]) -> list[nn.Module]:
     """Turn off gradients of the named tokenizer parts (``encoder``, ``quantizer``, ... or a dotted
-    submodule such as ``decoder.pixels``) and return them, for the training module to keep in eval mode."""
+    submodule such as ``decoder.pixel_decoder``) and return them, for the training module to keep in eval mode."""
     check(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names), "freeze", names,
           f"a list of tokenizer parts, e.g. [encoder, quant_conv, quantizer]; parts: {list(PARTS)}")
     frozen = []
@@ -53,7 +53,7 @@ def freeze_parts(tokenizer: Tokenizer, names: Sequence[str]) -> list[nn.Module]:
             part = tokenizer.get_submodule(name)
         except AttributeError:
             raise ConfigValueError("freeze", name, f"a tokenizer part ({', '.join(PARTS)}) or a dotted submodule "
-                                   "of one, e.g. decoder.pixels") from None
+                                   "of one, e.g. decoder.pixel_decoder") from None
         part.requires_grad_(False).eval()
         frozen.append(part)
     if frozen and not any(p.requires_grad for p in tokenizer.parameters()):

@@ -1,4 +1,5 @@
-"""Reading other projects' checkpoint files safely (``torch.load(weights_only=True)``)."""
+"""Reading other projects' checkpoint files safely (``torch.load(weights_only=True)``, or safetensors),
+including diffusers model directories (``config.json`` + ``diffusion_pytorch_model.safetensors``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,39 @@ from imagetok.errors import CheckpointError
 from imagetok.export.checkpoint import UNREADABLE, unreadable_checkpoint
 
 log = logging.getLogger(__name__)
+
+# the weights file of a diffusers model directory (``ModelMixin.save_pretrained``), in order of preference
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+
+def diffusers_weights_file(directory: Path) -> Path | None:
+    """The weights file of a diffusers model directory, or None when ``directory`` holds none."""
+    return next((directory / name for name in DIFFUSERS_WEIGHTS if (directory / name).is_file()), None)
+
+
+def _pipeline_hint(path: Path) -> str:
+    """Which subfolders of a diffusers pipeline directory hold a ``VQModel`` (from its ``model_index.json``)."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        index = {}
+    names = [name for name, value in index.items() if isinstance(value, list) and value[-1:] == ["VQModel"]]
+    if not names:
+        return "its model_index.json names no VQModel (imagetok converts diffusers' VQModel only)"
+    return "convert its VQModel folder: " + " or ".join(f"checkpoint={path / name}" for name in names)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {' '.join(str(err).split())}") from None
 
 
 def _inert_class(qualified_name: str) -> type:
@@ -34,8 +68,17 @@ def load_original_checkpoint(path: str | Path) -> Any:
     classes are replaced by inert placeholders, so their code is never imported or run, and only the
     tensors are used. Globals that torch's safe unpickler blocks outright (``os.system``, ``eval``,
     ``subprocess``...) still refuse the file. Every failure is a :class:`CheckpointError` naming the
-    file (``FileNotFoundError`` for a missing one)."""
+    file (``FileNotFoundError`` for a missing one).
+
+    A ``.safetensors`` file is read as such, and a diffusers model directory as its weights file
+    (:data:`DIFFUSERS_WEIGHTS`; its ``config.json`` is the diffusers converter's to read)."""
     path = Path(path)
+    if path.is_dir() and (weights := diffusers_weights_file(path)) is not None:
+        path = weights
+    if path.suffix == ".safetensors" and path.is_file():
+        return _read_safetensors(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        raise CheckpointError(f"{path} is a diffusers pipeline, not one model: {_pipeline_hint(path)}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file (a save_pretrained directory is "
                               "exported already: load it with Tokenizer.from_pretrained)")
@@ -60,3 +103,4 @@ def load_original_checkpoint(path: str | Path) -> Any:
     log.warning("%s: ignored pickled objects of %d foreign class(es) (%s); only its tensors are used",
                 path, len(foreign), ", ".join(foreign))
     return checkpoint
+

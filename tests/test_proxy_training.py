@@ -105,3 +105,25 @@ def test_bad_two_stage_values_are_one_line(compose_config, tmp_path, teacher, mo
                        "freeze"),
     }[case]
     assert expected in _cli(monkeypatch, capsys, [*args, *run])
+
+
+def test_causal_tokens_and_nested_dropout_work_through_proxy_codes(compose_config, teacher):
+    """Issue 15, part 5: SEED-style causal tokens and FlexTok's nested dropout with the proxy-code decoder."""
+    from imagetok.losses.proxy_codes import ProxyCodeLoss
+
+    cfg = compose_config(["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={teacher}", *SMALL_1D,
+                          "encoder.causal=true", "decoder.code_decoder.token_drop=pow2"])
+    ProxyCodeLoss(teacher=str(teacher)).complete_decoder_config(cfg)
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config(tokenizer_config(cfg)).eval()
+    assert tok.variable_length and tok.encoder.causal
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    ids = tok.encode(images)
+    assert ids.shape == (2, 8, 1) and tok.encode(images, num_tokens=2).shape == (2, 2, 1)
+    full = tok.decode(ids)
+    for k in (1, 2, 4):  # every prefix decodes, and to something else than all the tokens
+        prefix = tok.decode(ids[:, :k])
+        assert prefix.shape == (2, 3, 16, 16) and not torch.allclose(prefix, full)
+    tok.train()
+    recon, _ = tok(images)  # a training forward draws a prefix per sample
+    assert recon.shape == (2, 3, 16, 16)

@@ -94,8 +94,10 @@ def comparison_page(header: Sequence[str], table: Sequence[Sequence[str]], proto
 <table class="board">
 {board}</table>
 <h2>Reconstructions</h2>
-<p>Left: <b id="showing"></b>, the original while the pointer is over it. Click a column name or press
-0..{len(names)} to choose; the chosen column is highlighted. Crops of {width}x{height} px, shown at {scale}x.</p>
+<p>Left: <b id="showing">{e(names[0]) if names else "original"}</b>, the original while the pointer is over it. Click a
+column name or press 0..{len(names)} to choose; the chosen column is highlighted. Crops of {width}x{height} px, shown
+at {scale}x.</p>
+<noscript><p>(With scripts off the left column stays empty; the crops are in the columns beside it.)</p></noscript>
 <table class="crops">
 {crops}</table>
 <script>{script}</script>

@@ -43,7 +43,7 @@ import torch
 
 from imagetok.errors import CheckpointError
 from imagetok.export.converters.registry import KeyLayout, SourceFormat, register
-from imagetok.export.pretrained import key_mismatch_report
+from imagetok.export.converters.weights import load_converted_weights
 from imagetok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -271,15 +271,7 @@ def convert_diffusers(checkpoint: dict[str, torch.Tensor], *, config: str | Path
     except ValueError as err:
         raise CheckpointError(f"the tensors imply an architecture imagetok cannot build: {' '.join(str(err).split())}") from None
     state = _renamed(checkpoint, n)
-    # our quantizer's training buffers (EMA statistics, usage) have no counterpart: they keep their defaults
-    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("quantizer.") or k == "quantizer.codebook"}
-    report = key_mismatch_report(own, state)
-    if report:
-        first = "; ".join(line.strip() for line in report.splitlines()[:6])  # one line: the CLI shows one
-        raise CheckpointError(f"the VQModel's tensors do not fit the architecture they imply: {first}")
-    tokenizer.load_state_dict(state, strict=False)
-    tokenizer.quantizer.initialized.fill_(True)
-    return tokenizer.eval()
+    return load_converted_weights(tokenizer, state, "the VQModel")
 
 
 register(SourceFormat("diffusers", f"a diffusers VQModel directory (config.json + diffusion_pytorch_model.safetensors) "

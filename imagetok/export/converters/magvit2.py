@@ -33,7 +33,7 @@ import torch
 from imagetok.errors import CheckpointError
 from imagetok.export.converters.registry import SourceFormat, register
 from imagetok.export.converters.vqgan_cnn import _architecture
-from imagetok.export.pretrained import key_mismatch_report
+from imagetok.export.converters.weights import load_converted_weights
 from imagetok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -207,16 +207,7 @@ def convert_magvit2(checkpoint: dict[str, Any], config: dict[str, Any] | None = 
         z, bits = built["encoder"]["z_channels"], built["quantizer"]["dim"]
         tensors.update({f"quant_conv.{k}": v for k, v in _identity_conv(bits, z).items()})
         tensors.update({f"post_quant_conv.{k}": v for k, v in _identity_conv(built["decoder"]["z_channels"], bits).items()})
-    # our quantizer's training state (usage statistics, bit frequencies) has no counterpart: defaults kept
-    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("quantizer.") or k == "quantizer.codebook"}
-    report = key_mismatch_report(own, tensors)
-    if report:
-        summary = " ".join(report.split())  # the report's lines as one
-        raise CheckpointError(f"the checkpoint does not fit the {family} architecture its tensors imply: "
-                              f"{summary[:400]}")
-    tokenizer.load_state_dict(tensors, strict=False)
-    if family == "ibq":
-        tokenizer.quantizer.initialized.fill_(True)
+    load_converted_weights(tokenizer, tensors, f"the {family} checkpoint")
     log.info("converted a SEED-Voken %s checkpoint (%s weights): %s", "Open-MAGVIT2" if family == "lfq" else "IBQ",
              "EMA" if weights == "ema" and any(k.startswith(EMA_PREFIX) for k in state) else "raw", built)
     return tokenizer.eval()

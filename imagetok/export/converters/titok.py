@@ -41,7 +41,7 @@ import torch
 
 from imagetok.errors import CheckpointError
 from imagetok.export.converters.registry import KeyLayout, SourceFormat, register
-from imagetok.export.pretrained import key_mismatch_report
+from imagetok.export.converters.weights import load_converted_weights
 from imagetok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,7 @@ def convert_titok(checkpoint: dict[str, Any], config: dict[str, Any] | None = No
     dim = built["quantizer"]["dim"]
     for name in ("quant_conv", "post_quant_conv"):  # TiTok quantizes the encoder's output itself
         tensors[f"{name}.weight"], tensors[f"{name}.bias"] = torch.eye(dim), torch.zeros(dim)
-    # our quantizer's training state (usage statistics) has no counterpart: defaults kept
-    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("quantizer.") or k == "quantizer.codebook"}
-    report = key_mismatch_report(own, tensors)
-    if report:
-        summary = "; ".join(line.strip() for line in report.splitlines()[:6])
-        raise CheckpointError(f"the checkpoint does not fit the TiTok architecture its tensors imply: {summary}")
-    tokenizer.load_state_dict(tensors, strict=False)
-    tokenizer.quantizer.initialized.fill_(True)
+    load_converted_weights(tokenizer, tensors, "the TiTok checkpoint")
     log.info("converted a TiTok checkpoint: %s", built)
     return tokenizer.eval()
 

@@ -32,7 +32,7 @@ import torch
 from imagetok.errors import CheckpointError
 from imagetok.export.converters.registry import SourceFormat, register
 from imagetok.export.converters.vqgan_cnn import _architecture
-from imagetok.export.pretrained import key_mismatch_report
+from imagetok.export.converters.weights import load_converted_weights
 from imagetok.tokenizer import Tokenizer
 
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -148,14 +148,7 @@ def convert_var(checkpoint: dict, *, scales: Sequence[int] | None = None,
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"the VAR checkpoint's tensors imply no architecture imagetok can build: {err}") from None
-    # the codebook's training buffers (EMA statistics, usage window) have no counterpart: they keep their defaults
-    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("quantizer.vq.") or k == "quantizer.vq.codebook"}
-    report = key_mismatch_report(own, renamed)
-    if report:
-        first = "; ".join(line.strip() for line in report.splitlines()[:6])  # one line: the CLI shows one
-        raise CheckpointError(f"the VAR checkpoint does not fit the architecture its tensors imply: {first}")
-    tokenizer.load_state_dict(renamed, strict=False)
-    tokenizer.quantizer.vq.initialized.fill_(True)
+    load_converted_weights(tokenizer, renamed, "the VAR checkpoint", codebook="quantizer.vq.codebook")
     return tokenizer.eval()
 
 

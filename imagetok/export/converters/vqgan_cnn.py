@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from imagetok.errors import CheckpointError
-from imagetok.export.pretrained import key_mismatch_report
+from imagetok.export.converters.weights import load_converted_weights
 from imagetok.tokenizer import Tokenizer
 
 
@@ -63,11 +63,4 @@ def build_vqgan(state: dict[str, torch.Tensor], l2_normalize: bool) -> Tokenizer
         tokenizer = Tokenizer.from_config(config)
     except ValueError as err:  # e.g. a width GroupNorm's 32 groups do not divide
         raise CheckpointError(f"the tensors imply an architecture imagetok cannot build ({config}): {err}") from None
-    # our quantizer's training buffers (EMA statistics, usage) have no counterpart: they keep their defaults
-    own = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("quantizer.") or k == "quantizer.codebook"}
-    report = key_mismatch_report(own, state)
-    if report:
-        raise CheckpointError(f"the checkpoint does not fit the architecture its tensors imply ({config}):\n{report}")
-    tokenizer.load_state_dict(state, strict=False)
-    tokenizer.quantizer.initialized.fill_(True)
-    return tokenizer.eval()
+    return load_converted_weights(tokenizer, state, "the checkpoint")

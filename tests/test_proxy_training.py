@@ -5,7 +5,6 @@ decoder; stage 2 starts from stage 1 (``init_from``) and trains the decoder only
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from imagetok import Tokenizer
 from imagetok.training.run import tokenizer_config, train
+from test_cli_errors import _error_lines, _run_in_process
 
 SMALL_TEACHER = ["data.image_size=16", "encoder.ch=16", "encoder.ch_mult=[1,2]", "encoder.z_channels=8",
                  "quantizer.codebook_size=64"]
@@ -75,20 +75,6 @@ def test_stage_two_starts_from_stage_one_and_trains_only_the_decoder(compose_con
     assert _logged(tmp_path / "s2", "train/pixel")  # trained on pixels
 
 
-def _cli(monkeypatch, capsys, args: list[str]) -> str:
-    from imagetok.cli import train as train_cli
-
-    monkeypatch.setattr(sys, "argv", ["train", *args])
-    with pytest.raises(SystemExit) as exited:
-        train_cli.main()
-    out = capsys.readouterr()
-    assert exited.value.code == 2, out.out + out.err
-    text = out.out + out.err
-    assert "Traceback" not in text
-    (line,) = [ln for ln in text.splitlines() if "error:" in ln]
-    return line
-
-
 @pytest.mark.parametrize("case", ["no teacher", "missing teacher", "1D teacher", "wrong init_from", "bad freeze"])
 def test_bad_two_stage_values_are_one_line(compose_config, tmp_path, teacher, monkeypatch, capsys, case):
     run = [f"hydra.run.dir={tmp_path / 'run'}", *SMALL_1D, "trainer.max_steps=1"]
@@ -104,7 +90,9 @@ def test_bad_two_stage_values_are_one_line(compose_config, tmp_path, teacher, mo
         "bad freeze": (["experiment=cpu_titok_proxy", f"loss.proxy_codes.teacher={teacher}", "freeze=[decoder.nope]"],
                        "freeze"),
     }[case]
-    assert expected in _cli(monkeypatch, capsys, [*args, *run])
+    output = _run_in_process(monkeypatch, capsys, "train", [*args, *run])  # asserts exit code 2
+    (line,) = _error_lines(output)
+    assert expected in line and "Traceback" not in output
 
 
 def test_causal_tokens_and_nested_dropout_work_through_proxy_codes(compose_config, teacher):

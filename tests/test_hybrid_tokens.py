@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from imagetok import Tokenizer
 from imagetok.errors import ConfigValueError
 from imagetok.nets.hybrid import HybridLatentTokenDecoder, HybridLatentTokenEncoder
@@ -21,8 +21,8 @@ from imagetok.quantizers.residual import ResidualVectorQuantizer
 from imagetok.quantizers.vq import VectorQuantizer
 
 # 16px images, CNN f4 -> a 4x4 grid of 32-d features, 8 latent tokens of 8 channels
-NET = dict(ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, width=32, depth=1, num_heads=2, z_channels=8, resolution=16,
-           num_latent_tokens=8)
+NET = {"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "width": 32, "depth": 1, "num_heads": 2, "z_channels": 8,
+       "resolution": 16, "num_latent_tokens": 8}
 
 
 def _images(n: int = 3, size: int = 16) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_cpu_hybrid_recipe_trains_from_the_command_line(tmp_path):
              "trainer.max_steps=4", "trainer.val_check_interval=4", "checkpoint.every_n_steps=4",
              "loss.disc_start=2", "cpu_threads=1"]
     proc = subprocess.run([sys.executable, "train.py", "experiment=cpu_hybrid", *small, f"hydra.run.dir={run_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                           env=dict(os.environ, IMAGETOK_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     tok = Tokenizer.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
@@ -132,6 +132,6 @@ def test_cpu_hybrid_recipe_trains_from_the_command_line(tmp_path):
 
 def test_bad_hybrid_config_value_exits_2_naming_the_key(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "experiment=cpu_hybrid", "decoder.token_drop=half",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=120, env=dict(os.environ, IMAGETOK_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert proc.returncode == 2 and "decoder.token_drop" in proc.stderr + proc.stdout, proc.stderr[-2000:]

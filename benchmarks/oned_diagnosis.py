@@ -127,7 +127,7 @@ class AttentionRecorder:
 @torch.no_grad()
 def attention_statistics(tok: Tokenizer, images: torch.Tensor) -> dict[str, list[float]]:
     """Per layer: encoder latent->patch mass and its entropy over patches; decoder patch->latent mass."""
-    patches = (images.shape[-1] // tok.encoder.patch_size) ** 2
+    patches = (images.shape[-1] // tok.encoder.downsample_factor) ** 2  # patches, or a hybrid's grid cells
     recorder = AttentionRecorder(tok.encoder)
     z_q = tok.quantize(images).z_q
     recorder.remove()

@@ -11,6 +11,11 @@ Variable length: with ``token_drop`` the decoder sees, per training sample, only
 ``k`` latent tokens (the others are masked out of attention), so the first tokens learn to carry the
 coarse content and any prefix decodes (``tok.decode(ids[:, :k])``). ``causal=True`` in the encoder
 makes latent token ``i`` depend only on the image and tokens ``< i`` (SEED's causal 1D tokens).
+
+The two transformer stages work on any grid of ``width``-d features, not only pixel patches:
+:class:`LatentQueryReadout` (grid -> latent tokens) and :class:`MaskTokenDecode` (latent tokens -> grid)
+are shared with the hybrid CNN + transformer nets of ``nets/hybrid.py`` (GigaTok), whose grid is a CNN's
+feature map.
 """
 
 from __future__ import annotations
@@ -30,36 +35,22 @@ def _check_latents(num_latent_tokens: int) -> None:
           "a positive integer, e.g. 32 or 128")
 
 
-class LatentTokenEncoder(nn.Module):
-    """Images ``[B, in_channels, H, W]`` in [-1, 1] -> latent tokens ``[B, num_latent_tokens, z_channels]``.
-
-    Args:
-        patch_size / width / depth / num_heads / mlp_ratio / resolution / pos_embed: as
-            :class:`~imagetok.nets.vit.ViTEncoder` (position embeddings of the patch tokens; the latent
-            tokens are learned, so each one's embedding is its position).
-        num_latent_tokens: ``N``, tokens per image.
-        causal: latent token ``i`` attends to the patches and latent tokens ``<= i`` only, and patches to
-            patches only, so a prefix of tokens never depends on the tokens after it.
-    """
+class LatentQueryReadout(nn.Module):
+    """Base of the 1D encoders: ``num_latent_tokens`` learned queries appended to a row-major grid of
+    features ``[B, h*w, width]`` and one transformer over both; only the queries' outputs leave,
+    ``[B, N, width]``. A subclass embeds its input into that grid and calls :meth:`init_readout` in its
+    ``__init__`` (after its input embedding, so parameter order and initial draws stay those of TiTok's
+    layout)."""
 
     token_layout = "sequence"
 
-    def __init__(self, *, in_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
-                 pos_embed: str = "learned", num_latent_tokens: int = 32, causal: bool = False) -> None:
-        super().__init__()
-        check_transformer_args(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                               patch_size=patch_size, resolution=resolution, pos_embed=pos_embed)
+    def init_readout(self, *, grid: tuple[int, int], width: int, depth: int, num_heads: int, mlp_ratio: float,
+                     pos_embed: str, num_latent_tokens: int, causal: bool) -> None:
         _check_latents(num_latent_tokens)
-        self.in_channels, self.z_channels, self.patch_size = in_channels, z_channels, patch_size
-        self.downsample_factor, self.num_latent_tokens, self.causal = patch_size, num_latent_tokens, causal
-        grid = (resolution // patch_size,) * 2
-        self.patch_embed = nn.Linear(in_channels * patch_size**2, width)
+        self.num_latent_tokens, self.causal = num_latent_tokens, causal
         self.positions = PatchPositions(pos_embed, grid, width, num_heads)
         self.latent_tokens = nn.Parameter(torch.empty(num_latent_tokens, width))  # drawn by init_weights
         self.transformer = Transformer(width, depth, num_heads, mlp_ratio)
-        self.proj_out = nn.Linear(width, z_channels)
-        init_weights(self)
 
     def attention_mask(self, num_patches: int, device: torch.device) -> torch.Tensor | None:
         """Bool ``[P + N, P + N]`` (True = may attend) for ``causal``; None (full attention) otherwise."""
@@ -72,62 +63,42 @@ class LatentTokenEncoder(nn.Module):
         mask[num_patches:, num_patches:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()  # ... and earlier tokens
         return mask
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid = grid_of(tuple(images.shape[-2:]), self.patch_size)
-        patches = self.positions.add(self.patch_embed(patchify(images, self.patch_size)), grid)
-        latents = self.latent_tokens.to(patches.dtype).expand(images.shape[0], -1, -1)
+    def read_out(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Grid features ``[B, h*w, width]`` (row-major ``grid``) -> latent tokens ``[B, N, width]``."""
+        patches = self.positions.add(features, grid)
+        latents = self.latent_tokens.to(patches.dtype).expand(features.shape[0], -1, -1)
         x = torch.cat([patches, latents], dim=1)  # [B, P + N, width]
-        rope = self.positions.rope(grid, self.num_latent_tokens, images.device)
-        x = self.transformer(x, rope, self.attention_mask(patches.shape[1], images.device))
-        return self.proj_out(x[:, patches.shape[1]:])
+        rope = self.positions.rope(grid, self.num_latent_tokens, features.device)
+        x = self.transformer(x, rope, self.attention_mask(patches.shape[1], features.device))
+        return x[:, patches.shape[1]:]
 
 
-class LatentTokenDecoder(nn.Module):
-    """Latent tokens ``[B, k, z_channels]`` (any ``1 <= k <= num_latent_tokens``: a prefix of the sequence)
-    -> images ``[B, out_channels, resolution, resolution]``, unbounded (trained toward [-1, 1]).
-
-    Args:
-        patch_size / width / depth / num_heads / mlp_ratio / resolution / pos_embed / num_latent_tokens:
-            as :class:`LatentTokenEncoder`; ``resolution`` fixes the output size.
-        token_drop: ``none``; ``uniform`` (each training sample keeps a prefix of ``k`` tokens, ``k``
-            uniform in ``min_tokens..N``, One-D-Piece's tail-token drop); ``pow2`` (``k`` uniform over the
-            powers of two ``>= min_tokens`` up to ``N``, and ``N``, FlexTok's nested dropout).
-        min_tokens: the shortest prefix drawn in training.
-    """
+class MaskTokenDecode(nn.Module):
+    """Base of the 1D decoders: one learned mask token per cell of a fixed ``grid`` plus ``k`` latent
+    tokens ``[B, k, width]`` through one transformer -> grid features ``[B, h*w, width]``, with the
+    training-time prefix drop of ``token_drop``. A subclass projects its input to ``width``, maps the
+    grid features to pixels, and calls :meth:`init_decode` in its ``__init__`` (after its input
+    projection, as :class:`LatentQueryReadout`)."""
 
     token_layout = "sequence"
 
-    def __init__(self, *, out_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
-                 pos_embed: str = "learned", num_latent_tokens: int = 32, token_drop: str = "none",
-                 min_tokens: int = 1) -> None:
-        super().__init__()
-        check_transformer_args(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                               patch_size=patch_size, resolution=resolution, pos_embed=pos_embed)
+    def init_decode(self, *, grid: tuple[int, int], width: int, depth: int, num_heads: int, mlp_ratio: float,
+                    pos_embed: str, num_latent_tokens: int, token_drop: str, min_tokens: int) -> None:
         _check_latents(num_latent_tokens)
         check(token_drop in TOKEN_DROPS, "token_drop", token_drop, f"one of {list(TOKEN_DROPS)}")
         check(isinstance(min_tokens, int) and 1 <= min_tokens <= num_latent_tokens, "min_tokens", min_tokens,
               f"an integer in [1, num_latent_tokens={num_latent_tokens}]")
-        self.out_channels, self.z_channels, self.patch_size = out_channels, z_channels, patch_size
         self.num_latent_tokens, self.token_drop, self.min_tokens = num_latent_tokens, token_drop, min_tokens
-        self.grid = (resolution // patch_size,) * 2
-        self.proj_in = nn.Linear(z_channels, width)
+        self.grid = tuple(grid)
         self.latent_positions = nn.Parameter(torch.empty(num_latent_tokens, width))  # drawn by init_weights
         self.mask_token = nn.Parameter(torch.empty(width))  # drawn by init_weights
         self.positions = PatchPositions(pos_embed, self.grid, width, num_heads)
         self.transformer = Transformer(width, depth, num_heads, mlp_ratio)
-        self.to_pixels = nn.Linear(width, out_channels * patch_size**2)
-        init_weights(self)
 
     @property
     def variable_length(self) -> bool:
         """Whether training made every prefix of the tokens decode (``token_drop`` is on)."""
         return self.token_drop != "none"
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """Weight of the pixel projection: the adaptive GAN weight compares gradient norms here."""
-        return self.to_pixels.weight
 
     def prefix_lengths(self, k: int) -> list[int]:
         """The prefix lengths training draws from, for ``k`` given tokens."""
@@ -143,19 +114,94 @@ class LatentTokenDecoder(nn.Module):
         choices = torch.tensor(self.prefix_lengths(k))
         return choices[torch.randint(len(choices), (batch,))].to(device)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def check_latents(self, z: torch.Tensor) -> None:
+        """A clear error unless ``z`` is ``[B, k, z_channels]`` with ``1 <= k <= num_latent_tokens``."""
         if z.ndim != 3 or not 1 <= z.shape[1] <= self.num_latent_tokens:
             raise ConfigValueError("latent tokens", tuple(z.shape),
                                    f"[B, k, {self.z_channels}] with 1 <= k <= num_latent_tokens={self.num_latent_tokens}")
-        b, k = z.shape[:2]
-        latents = self.proj_in(z) + self.latent_positions[:k].to(z.dtype)
-        patches = self.positions.add(self.mask_token.to(latents.dtype).expand(b, self.grid[0] * self.grid[1], -1), self.grid)
-        x = torch.cat([patches, latents], dim=1)  # [B, P + k, width]
+
+    def decode_grid(self, latents: torch.Tensor) -> torch.Tensor:
+        """Projected latent tokens ``[B, k, width]`` -> grid features ``[B, h*w, width]`` (row-major)."""
+        b, k = latents.shape[:2]
+        latents = latents + self.latent_positions[:k].to(latents.dtype)
+        cells = self.positions.add(self.mask_token.to(latents.dtype).expand(b, self.grid[0] * self.grid[1], -1), self.grid)
+        x = torch.cat([cells, latents], dim=1)  # [B, P + k, width]
         mask = None
         if self.training and self.variable_length and torch.is_grad_enabled():
-            keep = self.draw_kept_tokens(b, k, z.device)
-            visible = torch.arange(k, device=z.device) < keep[:, None]  # [B, k]
-            keys = torch.cat([visible.new_ones(b, patches.shape[1]), visible], dim=1)  # patches are always visible
+            keep = self.draw_kept_tokens(b, k, latents.device)
+            visible = torch.arange(k, device=latents.device) < keep[:, None]  # [B, k]
+            keys = torch.cat([visible.new_ones(b, cells.shape[1]), visible], dim=1)  # grid cells are always visible
             mask = keys[:, None, None, :]  # [B, 1, 1, P + k]: every query sees the kept keys
-        x = self.transformer(x, self.positions.rope(self.grid, k, z.device), mask)
-        return unpatchify(self.to_pixels(x[:, : patches.shape[1]]), self.grid, self.patch_size)
+        x = self.transformer(x, self.positions.rope(self.grid, k, latents.device), mask)
+        return x[:, : cells.shape[1]]
+
+
+class LatentTokenEncoder(LatentQueryReadout):
+    """Images ``[B, in_channels, H, W]`` in [-1, 1] -> latent tokens ``[B, num_latent_tokens, z_channels]``.
+
+    Args:
+        patch_size / width / depth / num_heads / mlp_ratio / resolution / pos_embed: as
+            :class:`~imagetok.nets.vit.ViTEncoder` (position embeddings of the patch tokens; the latent
+            tokens are learned, so each one's embedding is its position).
+        num_latent_tokens: ``N``, tokens per image.
+        causal: latent token ``i`` attends to the patches and latent tokens ``<= i`` only, and patches to
+            patches only, so a prefix of tokens never depends on the tokens after it.
+    """
+
+    def __init__(self, *, in_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
+                 pos_embed: str = "learned", num_latent_tokens: int = 32, causal: bool = False) -> None:
+        super().__init__()
+        check_transformer_args(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                               patch_size=patch_size, resolution=resolution, pos_embed=pos_embed)
+        _check_latents(num_latent_tokens)
+        self.in_channels, self.z_channels, self.patch_size = in_channels, z_channels, patch_size
+        self.downsample_factor = patch_size
+        self.patch_embed = nn.Linear(in_channels * patch_size**2, width)
+        self.init_readout(grid=(resolution // patch_size,) * 2, width=width, depth=depth, num_heads=num_heads,
+                          mlp_ratio=mlp_ratio, pos_embed=pos_embed, num_latent_tokens=num_latent_tokens, causal=causal)
+        self.proj_out = nn.Linear(width, z_channels)
+        init_weights(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = grid_of(tuple(images.shape[-2:]), self.patch_size)
+        return self.proj_out(self.read_out(self.patch_embed(patchify(images, self.patch_size)), grid))
+
+
+class LatentTokenDecoder(MaskTokenDecode):
+    """Latent tokens ``[B, k, z_channels]`` (any ``1 <= k <= num_latent_tokens``: a prefix of the sequence)
+    -> images ``[B, out_channels, resolution, resolution]``, unbounded (trained toward [-1, 1]).
+
+    Args:
+        patch_size / width / depth / num_heads / mlp_ratio / resolution / pos_embed / num_latent_tokens:
+            as :class:`LatentTokenEncoder`; ``resolution`` fixes the output size.
+        token_drop: ``none``; ``uniform`` (each training sample keeps a prefix of ``k`` tokens, ``k``
+            uniform in ``min_tokens..N``, One-D-Piece's tail-token drop); ``pow2`` (``k`` uniform over the
+            powers of two ``>= min_tokens`` up to ``N``, and ``N``, FlexTok's nested dropout).
+        min_tokens: the shortest prefix drawn in training.
+    """
+
+    def __init__(self, *, out_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
+                 num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
+                 pos_embed: str = "learned", num_latent_tokens: int = 32, token_drop: str = "none",
+                 min_tokens: int = 1) -> None:
+        super().__init__()
+        check_transformer_args(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                               patch_size=patch_size, resolution=resolution, pos_embed=pos_embed)
+        _check_latents(num_latent_tokens)
+        self.out_channels, self.z_channels, self.patch_size = out_channels, z_channels, patch_size
+        self.proj_in = nn.Linear(z_channels, width)
+        self.init_decode(grid=(resolution // patch_size,) * 2, width=width, depth=depth, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, pos_embed=pos_embed, num_latent_tokens=num_latent_tokens,
+                         token_drop=token_drop, min_tokens=min_tokens)
+        self.to_pixels = nn.Linear(width, out_channels * patch_size**2)
+        init_weights(self)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the pixel projection: the adaptive GAN weight compares gradient norms here."""
+        return self.to_pixels.weight
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_latents(z)
+        return unpatchify(self.to_pixels(self.decode_grid(self.proj_in(z))), self.grid, self.patch_size)

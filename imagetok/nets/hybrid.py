@@ -26,6 +26,7 @@ from torch import nn
 
 from imagetok.nets.cnn import Decoder, Encoder
 from imagetok.nets.latent_tokens import LatentQueryReadout, MaskTokenDecode
+from imagetok.nets.token_norm import make_output_norm
 from imagetok.nets.transformer import check_transformer_args, init_weights
 
 
@@ -51,13 +52,14 @@ class HybridLatentTokenEncoder(LatentQueryReadout):
         resolution: training image size (CNN attention placement and the grid's learned positions).
         num_latent_tokens: ``N``, tokens per image.
         causal: latent token ``i`` sees the grid and tokens ``<= i`` only (SEED's causal 1D tokens).
+        output_norm: ``none`` | ``batch``, as :class:`~imagetok.nets.latent_tokens.LatentTokenEncoder`.
     """
 
     def __init__(self, *, in_channels: int = 3, ch: int = 32, ch_mult: Sequence[int] = (1, 2, 2),
                  num_res_blocks: int = 1, attn_resolutions: Sequence[int] = (), dropout: float = 0.0,
                  mid_attention: bool = False, width: int = 128, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 4.0, z_channels: int = 16, resolution: int = 256, pos_embed: str = "learned",
-                 num_latent_tokens: int = 32, causal: bool = False) -> None:
+                 num_latent_tokens: int = 32, causal: bool = False, output_norm: str = "none") -> None:
         super().__init__()
         factor = _check_hybrid(ch_mult, width, depth, num_heads, mlp_ratio, resolution, pos_embed)
         self.in_channels, self.z_channels, self.downsample_factor = in_channels, z_channels, factor
@@ -67,12 +69,13 @@ class HybridLatentTokenEncoder(LatentQueryReadout):
         self.init_readout(grid=(resolution // factor,) * 2, width=width, depth=depth, num_heads=num_heads,
                           mlp_ratio=mlp_ratio, pos_embed=pos_embed, num_latent_tokens=num_latent_tokens, causal=causal)
         self.proj_out = nn.Linear(width, z_channels)
+        self.output_norm = make_output_norm(output_norm, num_latent_tokens, z_channels)
         init_weights(self)  # linear layers, norms, queries and positions; the convolutions keep torch's init
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.cnn(images)  # [B, width, H/f, W/f]
         grid = tuple(features.shape[-2:])
-        return self.proj_out(self.read_out(rearrange(features, "b c h w -> b (h w) c"), grid))
+        return self.output_norm(self.proj_out(self.read_out(rearrange(features, "b c h w -> b (h w) c"), grid)))
 
 
 class HybridLatentTokenDecoder(MaskTokenDecode):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from imagetok.errors import ConfigValueError, check
+from imagetok.nets.token_norm import make_output_norm
 from imagetok.nets.transformer import (PatchPositions, Transformer, check_transformer_args, grid_of, init_weights,
                                        patchify, unpatchify)
 
@@ -146,11 +147,15 @@ class LatentTokenEncoder(LatentQueryReadout):
         num_latent_tokens: ``N``, tokens per image.
         causal: latent token ``i`` attends to the patches and latent tokens ``<= i`` only, and patches to
             patches only, so a prefix of tokens never depends on the tokens after it.
+        output_norm: ``none``, or ``batch``: each (token, channel) of the output standardised over the batch
+            (:class:`~imagetok.nets.token_norm.TokenStandardize`), which keeps a readout from handing the
+            quantizer the same code for every image.
     """
 
     def __init__(self, *, in_channels: int = 3, patch_size: int = 16, width: int = 512, depth: int = 8,
                  num_heads: int = 8, mlp_ratio: float = 4.0, z_channels: int = 12, resolution: int = 256,
-                 pos_embed: str = "learned", num_latent_tokens: int = 32, causal: bool = False) -> None:
+                 pos_embed: str = "learned", num_latent_tokens: int = 32, causal: bool = False,
+                 output_norm: str = "none") -> None:
         super().__init__()
         check_transformer_args(width=width, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                patch_size=patch_size, resolution=resolution, pos_embed=pos_embed)
@@ -161,11 +166,12 @@ class LatentTokenEncoder(LatentQueryReadout):
         self.init_readout(grid=(resolution // patch_size,) * 2, width=width, depth=depth, num_heads=num_heads,
                           mlp_ratio=mlp_ratio, pos_embed=pos_embed, num_latent_tokens=num_latent_tokens, causal=causal)
         self.proj_out = nn.Linear(width, z_channels)
+        self.output_norm = make_output_norm(output_norm, num_latent_tokens, z_channels)
         init_weights(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = grid_of(tuple(images.shape[-2:]), self.patch_size)
-        return self.proj_out(self.read_out(self.patch_embed(patchify(images, self.patch_size)), grid))
+        return self.output_norm(self.proj_out(self.read_out(self.patch_embed(patchify(images, self.patch_size)), grid)))
 
 
 class LatentTokenDecoder(MaskTokenDecode):

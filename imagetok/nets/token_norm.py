@@ -6,7 +6,9 @@ learned query plus an average of the grid. Across images only 9% of that output'
 image the same code, the decoder learns the mean image within 20 steps, and the gradient that would
 teach the encoder to differ vanishes: 8 of 11 ``cpu_hybrid`` runs collapsed that way (README, 1D
 section). Removing the constant part and scaling the varying part to unit variance, per token and
-channel, hands the quantizer and the decoder the image-dependent part from step 0.
+channel, hands the quantizer and the decoder the image-dependent part from step 0. Measured
+(``cpu_hybrid``, 500 steps): 0 of 3 seeds collapse with it, 2 of 3 without; the PSNR-against-k curve
+stays flat all the same, so it fixes the collapse, not the redundancy of the tokens.
 
 It is batch normalisation without affine parameters (Ioffe & Szegedy 2015,
 https://arxiv.org/abs/1502.03167) over the batch axis only, one statistic per ``(token, channel)``: a
